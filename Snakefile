@@ -1,0 +1,25 @@
+# DiGIT pipeline. Usage: see README.md. Rules live in workflow/rules/, one file per topic;
+# each rule is a thin shell call into the `pipeline` package.
+import os
+import sys
+
+sys.path.insert(0, workflow.basedir)
+from pipeline.config import ConfigError, validate_config
+
+if not workflow.overwrite_configfiles:  # no --configfile given: the tiny CPU demo
+    configfile: os.path.join(workflow.basedir, "configs", "default.yaml")
+
+try:
+    config.update(validate_config(config))
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/shards.smk"
+
+
+rule all:
+    input:
+        all_targets,
+    default_target: True

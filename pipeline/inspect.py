@@ -1,0 +1,116 @@
+"""`python -m pipeline inspect PATH`: summarise any artifact of the pipeline.
+
+Each summariser returns a JSON-able dict; `format_summary` prints it for people. Later stages
+register their artifact kinds with `@summariser(predicate)`.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+_SUMMARISERS: list[tuple[Callable[[Path], bool], Callable[[Path], dict]]] = []
+
+
+def summariser(predicate: Callable[[Path], bool]):
+    def register(fn):
+        _SUMMARISERS.append((predicate, fn))
+        return fn
+    return register
+
+
+def summarise(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such artifact: {path}")
+    for predicate, fn in _SUMMARISERS:
+        if predicate(path):
+            return {"path": str(path), **fn(path)}
+    raise ValueError(f"don't know how to inspect {path} (supported: shard .tar, manifest.parquet, "
+                     "shards/<dataset>/ folders, .json sidecars)")
+
+
+def format_summary(summary: dict, indent: int = 0) -> str:
+    lines = []
+    pad = "  " * indent
+    for key, value in summary.items():
+        if isinstance(value, dict) and value and len(json.dumps(value)) > 100:
+            lines.append(f"{pad}{key}:")
+            lines.append(format_summary(value, indent + 1))
+        else:
+            text = json.dumps(value) if not isinstance(value, str) else value
+            if len(text) > 300:
+                text = text[:297] + "..."
+            lines.append(f"{pad}{key}: {text}")
+    return "\n".join(lines)
+
+
+def histogram(values) -> dict:
+    counts = collections.Counter(values)
+    return {str(k): counts[k] for k in sorted(counts)}
+
+
+# ---------------------------------------------------------------- shards
+
+@summariser(lambda p: p.is_file() and p.suffix == ".tar")
+def summarise_shard(path: Path) -> dict:
+    from PIL import Image
+    keys, labels, sizes, exts = [], [], collections.Counter(), collections.Counter()
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, _, ext = info.name.partition(".")
+            if ext == "cls":
+                labels.append(int(tar.extractfile(info).read()))
+            elif ext in ("png", "jpg", "jpeg", "webp"):
+                keys.append(key)
+                exts[ext] += 1
+                with Image.open(io.BytesIO(tar.extractfile(info).read())) as img:
+                    sizes[f"{img.width}x{img.height} {img.mode}"] += 1
+    return {
+        "kind": "webdataset shard", "samples": len(keys), "bytes": path.stat().st_size,
+        "first_keys": keys[:5], "last_key": keys[-1] if keys else None,
+        "formats": dict(exts), "image_sizes": dict(sizes), "label_histogram": histogram(labels),
+    }
+
+
+@summariser(lambda p: p.is_file() and p.name.endswith(".parquet"))
+def summarise_manifest(path: Path) -> dict:
+    import pyarrow.parquet as pq
+    table = pq.read_table(path).to_pydict()
+    splits = collections.Counter(table.get("split", []))
+    out = {"kind": "manifest", "rows": len(next(iter(table.values()), [])), "columns": list(table),
+           "rows_per_split": dict(sorted(splits.items()))}
+    if "label" in table:
+        out["label_histogram"] = histogram(table["label"])
+    if "width" in table:
+        out["image_sizes"] = histogram(f"{w}x{h}" for w, h in zip(table["width"], table["height"]))
+    return out
+
+
+@summariser(lambda p: p.is_dir() and (p / "dataset.json").is_file())
+def summarise_dataset(path: Path) -> dict:
+    meta = json.loads((path / "dataset.json").read_text())
+    return {"kind": "sharded dataset", "name": meta["name"], "source": meta["source"], "path_in": meta["path"],
+            "classes": meta["classes"],
+            "splits": {s: {"samples": v["samples"], "shards": len(v["shards"])} for s, v in meta["splits"].items()},
+            "skipped": meta["num_skipped"], "skipped_files": [s["source"] for s in meta["skipped"]][:20],
+            "settings": meta["settings"]}
+
+
+@summariser(lambda p: p.is_file() and p.suffix == ".json")
+def summarise_json(path: Path) -> dict:
+    meta = json.loads(path.read_text())
+    return {"kind": "json sidecar", "content": meta}
+
+
+@summariser(lambda p: p.is_file() and p.suffix == ".npy")
+def summarise_npy(path: Path) -> dict:
+    arr = np.load(path, mmap_mode="r")
+    return {"kind": "numpy array", "shape": list(arr.shape), "dtype": str(arr.dtype)}

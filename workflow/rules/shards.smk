@@ -1,0 +1,21 @@
+# Image source -> WebDataset shards. A checkpoint: how many shards exist is known only after it ran.
+
+
+checkpoint shards:
+    output:
+        manifest="shards/{dataset}/manifest.parquet",
+        summary="shards/{dataset}/dataset.json",
+    params:
+        cfg=lambda wc: cli_json(dataset=config["dataset"], shards=shard_settings()),
+    threads: config["shards"]["workers"]
+    log:
+        "shards/{dataset}/shards.log",
+    shell:
+        "{PY} -m pipeline shards --json {params.cfg} --set shards.workers={threads} 2>&1 | tee {log}"
+
+
+def shard_paths(split):
+    """The tars of one split, read from the shards checkpoint's dataset.json."""
+    summary = checkpoints.shards.get(dataset=DATASET).output.summary
+    with open(summary) as f:
+        return [f"shards/{DATASET}/{name}" for name in json.load(f)["splits"][split]["shards"]]

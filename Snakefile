@@ -11,12 +11,15 @@ if not workflow.overwrite_configfiles:  # no --configfile given: the tiny CPU de
 
 try:
     config.update(validate_config(config))
+    if "dataset" not in config:
+        raise ConfigError("config key 'dataset' is missing: say which images to use")
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/shards.smk"
+include: "workflow/rules/tokenizer.smk"
 
 
 rule all:

@@ -33,9 +33,9 @@ def resolve_config(args) -> dict:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         config = yaml.safe_load(path.read_text()) or {}
-    if args.json:
+    for fragment in args.json or []:
         try:
-            _deep_update(config, json.loads(args.json))
+            _deep_update(config, json.loads(fragment))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--json is not valid JSON: {exc}") from None
     for item in args.set or []:
@@ -47,7 +47,8 @@ def resolve_config(args) -> dict:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help=f"YAML config file (default: {DEFAULT_CONFIG} unless --json is given)")
-    p.add_argument("--json", help="partial config as JSON, merged over the file (used by Snakemake rules)")
+    p.add_argument("--json", action="append",
+                   help="partial config as JSON, merged over the file (repeatable; used by Snakemake rules)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one key, e.g. --set shards.samples_per_shard=500 (repeatable)")
 
@@ -55,9 +56,109 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_shards(args) -> int:
     from .shards import build_shards
     config = resolve_config(args)
+    if "dataset" not in config:
+        raise ConfigError("config key 'dataset' is missing: say which images to shard")
     summary = build_shards(config["dataset"], config["shards"], out_root=args.out_root, progress=not args.quiet)
     counts = ", ".join(f"{s}: {v['samples']} images in {len(v['shards'])} shards" for s, v in summary["splits"].items())
     print(f"[shards] {summary['name']}: {counts}; {summary['num_skipped']} unreadable skipped", file=sys.stderr)
+    return 0
+
+
+def _set_threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+
+
+def _view_spec(config: dict):
+    from .data import ViewSpec
+    return ViewSpec.from_config(config["encoder"])
+
+
+def load_configured_encoder(config: dict, encoder_path: str | None):
+    """The frozen encoder the config asks for: the tiny trained one or DINOv2 weights on disk."""
+    from .encoders import load_encoder
+    enc = config["encoder"]
+    if enc["train"] is not None:
+        from .encoder_train import BASE_MODEL
+        if not encoder_path:
+            raise ConfigError("encoder.train is set: pass --encoder with the trained encoder file")
+        arch, checkpoint = f"timm:{BASE_MODEL}", encoder_path
+    else:
+        if enc["checkpoint"] is None:
+            raise ConfigError("config key 'encoder.checkpoint' is null and 'encoder.train' is not set: point "
+                              "encoder.checkpoint at local DINOv2 weights (e.g. dinov2_vitb14_reg4_pretrain.pth) "
+                              "or set encoder.train to train the tiny encoder")
+        arch, checkpoint = enc["arch"], encoder_path or enc["checkpoint"]
+    return load_encoder(arch, checkpoint, enc["layer"], enc["image_size"])
+
+
+def cmd_train_encoder(args) -> int:
+    from .encoder_train import train_encoder
+    config = resolve_config(args)
+    _set_threads(args)
+    enc = config["encoder"]
+    if enc["train"] is None:
+        raise ConfigError("config key 'encoder.train' is null: nothing to train (real runs use encoder.checkpoint)")
+    num_classes = 1 + max(_labels_of(args.train))
+    meta = train_encoder(args.train, args.test, args.out, _view_spec(config), enc["train"], num_classes=num_classes,
+                         num_workers=enc["num_workers"], progress=not args.quiet)
+    floor = enc["train"]["min_test_accuracy"]
+    if meta["test_accuracy"] < floor:
+        print(f"error: tiny encoder test accuracy {meta['test_accuracy']:.4f} < encoder.train.min_test_accuracy "
+              f"{floor}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _labels_of(tar_paths) -> list[int]:
+    from .data import index_shard
+    return [s.label for p in tar_paths for s in index_shard(p)]
+
+
+def cmd_features(args) -> int:
+    from .encoders import encoder_info
+    from .features import extract_features
+    config = resolve_config(args)
+    _set_threads(args)
+    enc = config["encoder"]
+    encoder = load_configured_encoder(config, args.encoder)
+    extract_features(args.shard, args.out, encoder, _view_spec(config), batch_size=enc["batch_size"],
+                     num_workers=enc["num_workers"], device=enc["device"], precision=enc["precision"],
+                     progress=not args.quiet, encoder_meta=encoder_info(encoder))
+    return 0
+
+
+def cmd_kmeans(args) -> int:
+    from .kmeans import run_kmeans_stage
+    config = resolve_config(args)
+    _set_threads(args)
+    km = config["kmeans"]
+    run_kmeans_stage(sorted(args.stores), args.out_dir, k=km["k"], niter=km["niter"], seed=km["seed"],
+                     n_sample=km["sample"], spherical=km["spherical"],
+                     use_gpu="auto" if km["device"] == "auto" else km["device"].startswith("cuda"),
+                     max_points_per_centroid=km["max_points_per_centroid"])
+    return 0
+
+
+def cmd_tokens(args) -> int:
+    import numpy as np
+    from .encoders import encoder_info
+    from .io import file_sha256
+    from .tokens import tokenize_shard
+    config = resolve_config(args)
+    _set_threads(args)
+    enc, tok = config["encoder"], config["tokens"]
+    encoder = load_configured_encoder(config, args.encoder)
+    centroids = np.load(args.centroids)
+    if centroids.ndim != 2 or centroids.shape[1] != encoder.embed_dim:
+        raise ValueError(f"{args.centroids}: centroids of shape {centroids.shape} do not match the encoder's "
+                         f"{encoder.embed_dim}-dim features")
+    provenance = {"encoder": encoder_info(encoder), "centroids": str(args.centroids),
+                  "centroids_sha256": file_sha256(args.centroids)}
+    tokenize_shard(args.shard, args.out, encoder, centroids, _view_spec(config), views=tok["views"], seed=tok["seed"],
+                   batch_size=enc["batch_size"], num_workers=enc["num_workers"], device=enc["device"],
+                   precision=enc["precision"], progress=not args.quiet, provenance=provenance)
     return 0
 
 
@@ -93,6 +194,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-root", default="shards", help="folder that holds one subfolder per dataset (default: shards)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("train-encoder", help="train the tiny default encoder (a small timm ViT) on the train shards",
+                       description="Supervised training of a small timm ViT on the training shards; held-out "
+                                   "accuracy goes into the checkpoint metadata and a .json sidecar.")
+    _add_config_args(p)
+    p.add_argument("--train", nargs="+", required=True, help="training shards (.tar)")
+    p.add_argument("--test", nargs="+", required=True, help="held-out shards (.tar) for the accuracy")
+    p.add_argument("--out", required=True, help="output encoder file (.pt)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_encoder)
+
+    p = sub.add_parser("features", help="encode one shard's centre views into a Zarr store of patch features",
+                       description="Per shard: (N, T, D) float16 Zarr v3 array, chunked along N, attrs with "
+                                   "encoder, weights sha256, block index, preprocessing and keys.")
+    _add_config_args(p)
+    p.add_argument("--shard", required=True, help="input shard (.tar)")
+    p.add_argument("--out", required=True, help="output store (.zarr)")
+    p.add_argument("--encoder", help="encoder weights (default: encoder.checkpoint from the config)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("kmeans", help="faiss k-means on a seeded sample of patch vectors from feature stores",
+                       description="Writes centroids.npy (K, D) float32 and centroids.json (every parameter, "
+                                   "faiss version, sample hash, inertia per iteration, cluster sizes).")
+    _add_config_args(p)
+    p.add_argument("stores", nargs="+", help="feature stores (.zarr)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--threads", type=int, help="CPU threads (torch)")
+    p.set_defaults(func=cmd_kmeans)
+
+    p = sub.add_parser("tokens", help="encode + assign one shard's views to token grids (N, V, h, w) uint16",
+                       description="Fused encode-and-assign: no features are stored. Writes {shard}.npy and "
+                                   "{shard}.json (keys, labels, crop parameters, provenance).")
+    _add_config_args(p)
+    p.add_argument("--shard", required=True, help="input shard (.tar)")
+    p.add_argument("--centroids", required=True, help="centroids.npy from the kmeans stage")
+    p.add_argument("--out", required=True, help="output token grids (.npy); the .json goes next to it")
+    p.add_argument("--encoder", help="encoder weights (default: encoder.checkpoint from the config)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser("inspect", help="summarise an artifact (shard, manifest, dataset folder, sidecar, ...)")
     p.add_argument("path")

@@ -46,7 +46,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 def _fill_defaults(instance: Any, schema: dict) -> None:
     """Insert schema defaults for missing keys, recursing into objects (in place)."""
-    if not isinstance(instance, dict) or schema.get("type") != "object":
+    kinds = schema.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if not isinstance(instance, dict) or "object" not in kinds:
         return
     for key, sub in schema.get("properties", {}).items():
         if key not in instance and "default" in sub:

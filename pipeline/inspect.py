@@ -104,6 +104,66 @@ def summarise_dataset(path: Path) -> dict:
             "settings": meta["settings"]}
 
 
+# ---------------------------------------------------------------- tokenizer artifacts
+
+@summariser(lambda p: p.is_dir() and p.suffix == ".zarr")
+def summarise_zarr(path: Path) -> dict:
+    import zarr
+    arr = zarr.open_array(str(path), mode="r")
+    attrs = dict(arr.attrs)
+    enc = attrs.get("encoder", {})
+    out = {"kind": "feature store (zarr)", "shape": list(arr.shape), "dtype": str(arr.dtype),
+           "chunks": list(arr.chunks), "images": len(attrs.get("keys", [])), "first_keys": attrs.get("keys", [])[:3],
+           "encoder": {k: enc.get(k) for k in ("arch", "block_index", "depth", "grid", "weights_sha256",
+                                                 "checkpoint_format")},
+           "preprocessing": attrs.get("preprocessing"), "shard": attrs.get("shard")}
+    if arr.shape[0]:
+        first = np.asarray(arr[: min(64, arr.shape[0])], dtype=np.float32)
+        out["sample_stats"] = {"mean": float(first.mean()), "std": float(first.std()),
+                               "mean_norm": float(np.linalg.norm(first, axis=-1).mean())}
+    return out
+
+
+def codebook_stats(tokens: np.ndarray, k: int | None) -> dict:
+    counts = np.bincount(tokens.reshape(-1).astype(np.int64), minlength=k or 0)
+    p = counts[counts > 0] / counts.sum()
+    top = np.argsort(counts)[::-1][:10]
+    return {"codebook_size": int(k or counts.size), "codes_used": int((counts > 0).sum()),
+            "usage": round(float((counts > 0).sum()) / max(1, k or counts.size), 4),
+            "perplexity": round(float(np.exp(-(p * np.log(p)).sum())), 2),
+            "top_tokens": {str(int(t)): int(counts[t]) for t in top if counts[t] > 0}}
+
+
+@summariser(lambda p: p.is_file() and p.suffix == ".npy" and p.with_suffix(".json").is_file()
+            and json.loads(p.with_suffix(".json").read_text()).get("stage") == "tokens")
+def summarise_tokens(path: Path) -> dict:
+    grids = np.load(path, mmap_mode="r")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return {"kind": "token shard", "shape": list(grids.shape), "layout": meta["layout"], "dtype": str(grids.dtype),
+            "images": len(meta["keys"]), "first_keys": meta["keys"][:3], "label_histogram": histogram(meta["labels"]),
+            "views": meta["views"], "centroids_sha256": meta.get("centroids_sha256"),
+            **codebook_stats(np.asarray(grids), meta.get("codebook_size"))}
+
+
+@summariser(lambda p: p.is_file() and p.name == "centroids.npy")
+def summarise_centroids(path: Path) -> dict:
+    c = np.load(path)
+    out = {"kind": "k-means centroids", "shape": list(c.shape), "dtype": str(c.dtype),
+           "norm_mean": float(np.linalg.norm(c, axis=1).mean())}
+    meta_path = path.with_suffix(".json")
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        sizes = np.asarray(meta.get("cluster_sizes", []))
+        out.update({k: meta.get(k) for k in ("k", "niter", "seed", "spherical", "faiss_version", "used_gpu",
+                                              "empty_clusters") if k in meta})
+        obj = meta.get("inertia_per_iteration") or meta.get("objective_per_iteration") or []
+        if obj:
+            out["inertia_first_last"] = [obj[0], obj[-1]]
+        if sizes.size:
+            out["cluster_size_min_median_max"] = [int(sizes.min()), int(np.median(sizes)), int(sizes.max())]
+    return out
+
+
 @summariser(lambda p: p.is_file() and p.suffix == ".json")
 def summarise_json(path: Path) -> dict:
     meta = json.loads(path.read_text())

@@ -22,4 +22,4 @@ def shard_settings():
 
 
 def all_targets(wildcards):
-    return [f"shards/{DATASET}/manifest.parquet"]
+    return [f"shards/{DATASET}/manifest.parquet", *token_targets()]

@@ -1,0 +1,50 @@
+"""Features stage: one shard -> a Zarr v3 array (N, T, D) float16 of encoder patch features.
+
+Only the shards that feed k-means need features (`kmeans.shards`); the tokens stage encodes and
+assigns in one pass and never stores features, so ImageNet does not need ~500 GB of them.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .data import ShardViews, ViewSpec
+from .encode import encode_shard_views, resolve_device
+from .io import atomic_path, file_sha256
+
+
+def extract_features(tar_path: str | Path, out_path: str | Path, encoder, spec: ViewSpec, *, batch_size: int = 256,
+                     num_workers: int = 0, device: str = "auto", precision: str = "auto", chunk: int = 256,
+                     progress: bool = True, encoder_meta: dict | None = None) -> dict:
+    """Encode view 0 (the centre crop) of every image of one shard into `out_path` (atomically)."""
+    dev = resolve_device(device)
+    dataset = ShardViews([tar_path], spec, views=(0,))
+    n, grid = len(dataset), encoder.grid
+    t0 = time.time()
+    attrs = {
+        "stage": "features",
+        "shard": str(tar_path), "shard_sha256": file_sha256(tar_path),
+        "keys": dataset.keys, "labels": dataset.labels,
+        "encoder": encoder_meta or {}, "grid": list(grid),
+        "preprocessing": {"resize_shorter_bicubic": spec.resize, "center_crop": spec.crop,
+                          "to_image_size_bicubic_no_antialias": spec.image_size,
+                          "mean": list(spec.mean), "std": list(spec.std)},
+        "dtype": "float16", "device": str(dev), "precision": precision,
+    }
+    with atomic_path(out_path) as tmp:
+        arr = zarr.create_array(store=str(tmp), shape=(n, grid[0] * grid[1], encoder.embed_dim),
+                                chunks=(max(1, min(chunk, n)), grid[0] * grid[1], encoder.embed_dim),
+                                dtype="float16", fill_value=0)
+        for indices, _, feats, _ in encode_shard_views(encoder, dataset, spec, batch_size=batch_size,
+                                                      num_workers=num_workers, device=dev, precision=precision,
+                                                      progress=progress, desc=f"features {Path(tar_path).name}"):
+            lo, hi = int(indices[0]), int(indices[-1]) + 1
+            arr[lo:hi] = feats.cpu().numpy().astype(np.float16)
+        attrs["seconds"] = round(time.time() - t0, 3)
+        arr.attrs.update(attrs)
+    print(f"[features] {Path(tar_path).name}: {n} images -> {out_path} ({attrs['seconds']} s)", file=sys.stderr)
+    return attrs

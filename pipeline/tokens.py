@@ -1,0 +1,82 @@
+"""Tokens stage: one shard -> token grids (N, V, h, w) uint16, one per augmented view.
+
+Fused encode-and-assign: each view is encoded and assigned to its nearest centroid in the same
+pass, so no features are stored (at ImageNet scale they would take ~500 GB in fp16; only the
+k-means sample shards keep features). View 0 is the centre crop, views >= 1 seeded random crops
+with random flips (replacing DiGIT's on-the-fly augmentation); the crop of every view is stored,
+so other stages (VQ tokens) can cut exactly the same pixels.
+
+Outputs, per shard: `{split}-{i:06d}.npy` (the grids, memory-mappable) and `{split}-{i:06d}.json`
+(keys and labels in shard order, crop parameters, provenance).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import ShardViews, ViewSpec
+from .encode import encode_shard_views, resolve_device
+from .io import atomic_path, file_sha256, write_json_atomic
+
+
+def token_dtype(k: int):
+    return np.uint16 if k <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor, c_sqnorm: torch.Tensor) -> torch.Tensor:
+    """argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), in fp32. feats (..., D) -> (...)."""
+    flat = feats.reshape(-1, feats.shape[-1])
+    scores = c_sqnorm[None, :] - 2.0 * (flat @ centroids.T)
+    return scores.argmin(dim=1).reshape(feats.shape[:-1])
+
+
+def tokenize_shard(tar_path: str | Path, out_npy: str | Path, encoder, centroids: np.ndarray, spec: ViewSpec, *,
+                   views: int = 1, seed: int = 0, batch_size: int = 256, num_workers: int = 0, device: str = "auto",
+                   precision: str = "auto", progress: bool = True, provenance: dict | None = None) -> dict:
+    dev = resolve_device(device)
+    dataset = ShardViews([tar_path], spec, views=range(views), seed=seed)
+    n, (h, w) = len(dataset), encoder.grid
+    k = centroids.shape[0]
+    c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(dev)
+    c_sqnorm = (c * c).sum(dim=1)
+    grids = np.zeros((n, views, h, w), dtype=token_dtype(k))
+    crops = np.zeros((n, views, 3), dtype=np.int32)
+    t0 = time.time()
+    for indices, v, feats, params in encode_shard_views(encoder, dataset, spec, batch_size=batch_size,
+                                                        num_workers=num_workers, device=dev, precision=precision,
+                                                        progress=progress, desc=f"tokens {Path(tar_path).name}"):
+        # Round to fp16 first: the k-means features are stored in fp16, so the centre view gets
+        # exactly the token that assigning the stored features would give.
+        ids = nearest_centroid(feats.half().float(), c, c_sqnorm)
+        idx = indices.numpy()
+        grids[idx, v] = ids.reshape(len(idx), h, w).cpu().numpy()
+        crops[idx] = params.numpy()
+    meta = {
+        "stage": "tokens", "shape": list(grids.shape), "dtype": str(grids.dtype), "layout": "N,V,h,w",
+        "keys": dataset.keys, "labels": dataset.labels, "crops": crops.tolist(),
+        "crop_params": "per view: left, top, hflip in the image resized to `resize` (shorter side)",
+        "views": views, "seed": seed, "codebook_size": int(k), "grid": [h, w],
+        "shard": str(tar_path), "shard_sha256": file_sha256(tar_path),
+        "preprocessing": {"resize": spec.resize, "crop": spec.crop, "image_size": spec.image_size,
+                          "mean": list(spec.mean), "std": list(spec.std)},
+        "device": str(dev), "seconds": round(time.time() - t0, 3), **(provenance or {}),
+    }
+    out_npy = Path(out_npy)
+    with atomic_path(out_npy) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, grids)
+    write_json_atomic(out_npy.with_suffix(".json"), meta)
+    print(f"[tokens] {Path(tar_path).name}: {n} images x {views} views -> {out_npy} ({meta['seconds']} s)",
+          file=sys.stderr)
+    return meta
+
+
+def load_tokens(npy_path: str | Path, mmap: bool = True) -> tuple[np.ndarray, dict]:
+    import json
+    grids = np.load(npy_path, mmap_mode="r" if mmap else None)
+    meta = json.loads(Path(npy_path).with_suffix(".json").read_text())
+    return grids, meta

@@ -117,8 +117,11 @@ def encoder_input(views_uint8: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
     """uint8 (B,3,crop,crop) -> normalised float (B,3,image_size,image_size), as DiGIT feeds DINOv2."""
     x = views_uint8.float().div_(255.0)
     if spec.crop != spec.image_size:
-        x = F.interpolate(x, size=(spec.image_size, spec.image_size), mode="bicubic", align_corners=False,
+        # DiGIT's own call: scale_factor (not size=), bicubic, no antialias.
+        x = F.interpolate(x, scale_factor=spec.image_size / spec.crop, mode="bicubic", align_corners=False,
                           antialias=False)
+        if x.shape[-1] != spec.image_size:
+            raise ValueError(f"crop {spec.crop} does not scale to image_size {spec.image_size} exactly")
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -154,11 +154,12 @@ def summarise_centroids(path: Path) -> dict:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         sizes = np.asarray(meta.get("cluster_sizes", []))
-        out.update({k: meta.get(k) for k in ("k", "niter", "seed", "spherical", "faiss_version", "used_gpu",
-                                              "empty_clusters") if k in meta})
-        obj = meta.get("inertia_per_iteration") or meta.get("objective_per_iteration") or []
+        out.update(meta.get("params", {}))
+        out.update({k: meta[k] for k in ("faiss_version", "gpu_used", "n_train", "n_iterations_run",
+                                         "n_empty_clusters", "inertia") if k in meta})
+        obj = meta.get("obj_per_iteration") or []
         if obj:
-            out["inertia_first_last"] = [obj[0], obj[-1]]
+            out["objective_first_last"] = [obj[0], obj[-1]]
         if sizes.size:
             out["cluster_size_min_median_max"] = [int(sizes.min()), int(np.median(sizes)), int(sizes.max())]
     return out

@@ -1,0 +1,105 @@
+"""Feature extraction throughput: the pipeline's features stage vs an official-style loop.
+
+Baseline ("official dump_features style"): decode and transform each image in the main process,
+run the FULL model (all blocks) and keep the output of block depth-3 (what DiGIT's
+get_intermediate_layers(n=3) does), batch by batch. Pipeline: `extract_features` (decoding in
+DataLoader workers, blocks after the chosen one never built, Zarr output).
+Both run on the same shard in the same process; the ratio is what counts (the machine is noisy).
+
+    python bench/features.py --arch dinov2_vitb14_reg4 --images 64 --batch-size 16
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import validate_config  # noqa: E402
+from pipeline.data import ShardViews, ViewSpec, crop_view, encoder_input, index_shard, read_image, to_tensor, view_params  # noqa: E402
+from pipeline.encode import autocast_for, resolve_device  # noqa: E402
+from pipeline.encoders import build_random_dinov2, load_encoder, save_official_checkpoint  # noqa: E402
+from pipeline.features import extract_features  # noqa: E402
+from pipeline.shards import build_shards  # noqa: E402
+
+
+def make_shard(tmp: Path, images: int, fmnist: str) -> Path:
+    cfg = validate_config({"dataset": {"name": "bench", "source": "fashion_mnist", "path": fmnist, "limit": images,
+                                       "splits": ["test"]}, "shards": {"samples_per_shard": images, "workers": 1}})
+    build_shards(cfg["dataset"], cfg["shards"], out_root=tmp, progress=False)
+    return tmp / "bench" / "test-000000.tar"
+
+
+@torch.inference_mode()
+def baseline(tar: Path, arch: str, ckpt: Path, spec: ViewSpec, batch_size: int, device, precision) -> float:
+    full = load_encoder(arch, ckpt, layer=f"block:{_depth(arch) - 1}", img_size=spec.image_size).to(device)
+    block = _depth(arch) - 3
+    captured = {}
+    full.vit.blocks[block].register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
+    samples = index_shard(tar)
+    t0 = time.perf_counter()
+    for start in range(0, len(samples), batch_size):
+        views = []
+        for s in samples[start:start + batch_size]:  # per-image decode in the main process
+            img = read_image(tar, s)
+            views.append(to_tensor(crop_view(img, view_params(0, s.key, 0, img.width, img.height, spec), spec)))
+        x = encoder_input(torch.stack(views).to(device), spec)
+        with autocast_for(device, precision):
+            full(x)  # all blocks run
+            feats = full.vit.norm(captured["x"])[:, full.vit.num_prefix_tokens:]
+        feats.float().cpu().numpy().astype(np.float16)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(samples) / (time.perf_counter() - t0)
+
+
+def _depth(arch: str) -> int:
+    return {"s": 12, "b": 12, "l": 24, "g": 40}[arch.split("_vit")[1][0]]
+
+
+def pipeline_rate(tar, out, arch, ckpt, spec, batch_size, workers, device, precision) -> float:
+    enc = load_encoder(arch, ckpt, layer=3, img_size=spec.image_size)
+    n = len(ShardViews([tar], spec))
+    t0 = time.perf_counter()
+    extract_features(tar, out, enc, spec, batch_size=batch_size, num_workers=workers, device=str(device),
+                     precision=precision, progress=False)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="dinov2_vitb14_reg4")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--repeat", type=int, default=2, help="alternate baseline/pipeline runs; best of each")
+    ap.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    spec = ViewSpec(resize=256, crop=256, image_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tar = make_shard(tmp, args.images, args.fmnist)
+        ckpt = save_official_checkpoint(build_random_dinov2(args.arch, seed=0), tmp / f"{args.arch}.pth")
+        base, ours = [], []
+        for r in range(args.repeat):
+            base.append(baseline(tar, args.arch, ckpt, spec, args.batch_size, device, args.precision))
+            ours.append(pipeline_rate(tar, tmp / f"f{r}.zarr", args.arch, ckpt, spec, args.batch_size, args.workers,
+                                      device, args.precision))
+        print(f"device {device}, {args.arch}, {args.images} images at 224 px, batch {args.batch_size}, "
+              f"precision {args.precision}")
+        print(f"baseline (official-style full-model loop): {max(base):.1f} img/s  runs {[round(b, 1) for b in base]}")
+        print(f"pipeline features stage:                   {max(ours):.1f} img/s  runs {[round(o, 1) for o in ours]}")
+        print(f"pipeline/baseline images/s ratio: {max(ours) / max(base):.2f}x (target >= 1.2x on CPU)")
+
+
+if __name__ == "__main__":
+    main()

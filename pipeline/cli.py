@@ -53,6 +53,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one key, e.g. --set shards.samples_per_shard=500 (repeatable)")
 
 
+def _add_torch_args(p: argparse.ArgumentParser, encoder: bool = False) -> None:
+    if encoder:
+        p.add_argument("--encoder", help="encoder weights (default: encoder.checkpoint from the config)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def cmd_shards(args) -> int:
     from .shards import build_shards
     config = resolve_config(args)
@@ -102,7 +109,7 @@ def cmd_train_encoder(args) -> int:
         raise ConfigError("config key 'encoder.train' is null: nothing to train (real runs use encoder.checkpoint)")
     num_classes = 1 + max(_labels_of(args.train))
     meta = train_encoder(args.train, args.test, args.out, _view_spec(config), enc["train"], num_classes=num_classes,
-                         num_workers=enc["num_workers"], progress=not args.quiet)
+                         progress=not args.quiet)
     floor = enc["train"]["min_test_accuracy"]
     if meta["test_accuracy"] < floor:
         print(f"error: tiny encoder test accuracy {meta['test_accuracy']:.4f} < encoder.train.min_test_accuracy "
@@ -202,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", nargs="+", required=True, help="training shards (.tar)")
     p.add_argument("--test", nargs="+", required=True, help="held-out shards (.tar) for the accuracy")
     p.add_argument("--out", required=True, help="output encoder file (.pt)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--quiet", action="store_true")
+    _add_torch_args(p)
     p.set_defaults(func=cmd_train_encoder)
 
     p = sub.add_parser("features", help="encode one shard's centre views into a Zarr store of patch features",
@@ -212,9 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--shard", required=True, help="input shard (.tar)")
     p.add_argument("--out", required=True, help="output store (.zarr)")
-    p.add_argument("--encoder", help="encoder weights (default: encoder.checkpoint from the config)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--quiet", action="store_true")
+    _add_torch_args(p, encoder=True)
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("kmeans", help="faiss k-means on a seeded sample of patch vectors from feature stores",
@@ -233,9 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", required=True, help="input shard (.tar)")
     p.add_argument("--centroids", required=True, help="centroids.npy from the kmeans stage")
     p.add_argument("--out", required=True, help="output token grids (.npy); the .json goes next to it")
-    p.add_argument("--encoder", help="encoder weights (default: encoder.checkpoint from the config)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--quiet", action="store_true")
+    _add_torch_args(p, encoder=True)
     p.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser("inspect", help="summarise an artifact (shard, manifest, dataset folder, sidecar, ...)")

@@ -122,8 +122,8 @@ def test_kmeans_is_deterministic_on_the_stores(pipeline_outputs, tmp_path):
 
 def test_killed_features_job_leaves_nothing_accepted(tmp_path, fmnist_dir, encoder_file, repo):
     cfg = validate_config({"dataset": {"name": "big", "source": "fashion_mnist", "path": str(fmnist_dir),
-                                       "limit": 3000, "splits": ["test"]},
-                           "shards": {"samples_per_shard": 3000, "workers": 1}})
+                                       "limit": 1500, "splits": ["test"]},
+                           "shards": {"samples_per_shard": 1500, "workers": 1}})
     build_shards(cfg["dataset"], cfg["shards"], out_root=tmp_path, progress=False)
     tar, out = tmp_path / "big" / "test-000000.tar", tmp_path / "feat" / "test-000000.zarr"
     settings = json.dumps({"encoder": {"resize": 32, "crop": 28, "image_size": 28, "mean": [0.5] * 3, "std": [0.5] * 3,
@@ -141,4 +141,30 @@ def test_killed_features_job_leaves_nothing_accepted(tmp_path, fmnist_dir, encod
     assert not out.exists(), "a killed job must not leave the final store"
     rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert zarr.open_array(str(out), mode="r").shape == (3000, 49, 32)
+    assert zarr.open_array(str(out), mode="r").shape == (1500, 49, 32)
+
+
+def test_tiny_encoder_trains_and_loads(shards, tmp_path):
+    from pipeline.encoder_train import BASE_MODEL, train_encoder
+    train_cfg = validate_config({"encoder": {"train": {"embed_dim": 32, "depth": 3, "num_heads": 2, "epochs": 2,
+                                                       "batch_size": 30}}})["encoder"]["train"]
+    out = tmp_path / "enc.pt"
+    meta = train_encoder(sorted(shards.glob("train-*.tar")), sorted(shards.glob("test-*.tar")), out, SPEC, train_cfg,
+                         num_classes=10, progress=False)
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
+    assert 0.0 <= meta["test_accuracy"] <= 1.0 and meta["test_images"] == 120
+    assert meta["history"][1]["train_loss"] < meta["history"][0]["train_loss"] + 0.5
+    enc = load_encoder(f"timm:{BASE_MODEL}", out, layer=3, img_size=28)
+    assert enc.info.block_index == 0 and enc.grid == (7, 7)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["test_accuracy"] == meta["test_accuracy"]
+
+
+def test_min_accuracy_floor_fails_the_stage(shards, tmp_path):
+    from conftest import run_cli
+    settings = json.dumps({"encoder": {"resize": 32, "crop": 28, "image_size": 28, "mean": [0.5] * 3,
+                                       "std": [0.5] * 3, "train": {"embed_dim": 16, "depth": 3, "num_heads": 1,
+                                                                   "epochs": 1, "min_test_accuracy": 0.99}}})
+    proc = run_cli("train-encoder", "--json", settings, "--train", shards / "train-000000.tar",
+                   "--test", shards / "test-000000.tar", "--out", tmp_path / "e.pt", "--quiet", check=False)
+    assert proc.returncode == 1 and "min_test_accuracy" in proc.stderr

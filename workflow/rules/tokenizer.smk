@@ -44,10 +44,16 @@ def token_targets():
             for split in config["tokens"]["splits"] for t in shard_paths(split)]
 
 
+def encoder_train_shards(split):
+    tars = shard_paths(split)
+    limit = config["encoder"]["train"]["max_shards"] if config["encoder"]["train"] else None
+    return tars[:limit] if limit else tars
+
+
 rule train_encoder:
     input:
-        train=lambda wc: shard_paths("train"),
-        test=lambda wc: shard_paths(config["dataset"]["splits"][-1]),
+        train=lambda wc: encoder_train_shards("train"),
+        test=lambda wc: encoder_train_shards(config["dataset"]["splits"][-1]),
     output:
         pt=f"results/{RUN}/encoder/encoder.pt",
         meta=f"results/{RUN}/encoder/encoder.json",

@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `inspect ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -72,9 +72,13 @@ def cmd_shards(args) -> int:
 
 
 def _set_threads(args) -> None:
+    """Bound torch's (and faiss's OpenMP) CPU threads to what the Snakemake job was given."""
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
+        if args.command == "kmeans":
+            import faiss
+            faiss.omp_set_num_threads(args.threads)
 
 
 def _view_spec(config: dict):

@@ -168,3 +168,18 @@ def test_min_accuracy_floor_fails_the_stage(shards, tmp_path):
     proc = run_cli("train-encoder", "--json", settings, "--train", shards / "train-000000.tar",
                    "--test", shards / "test-000000.tar", "--out", tmp_path / "e.pt", "--quiet", check=False)
     assert proc.returncode == 1 and "min_test_accuracy" in proc.stderr
+
+
+def test_inspect_tokenizer_artifacts(pipeline_outputs):
+    from conftest import run_cli
+    zarr_summary = json.loads(run_cli("inspect", pipeline_outputs["stores"][0], "--json").stdout)
+    assert zarr_summary["shape"] == [60, 49, 32] and zarr_summary["encoder"]["block_index"] == 0
+    cent = json.loads(run_cli("inspect", pipeline_outputs["out"] / "kmeans" / "centroids.npy", "--json").stdout)
+    assert cent["shape"] == [16, 32] and cent["k"] == 16 and "n_empty_clusters" in cent
+    tok = json.loads(run_cli("inspect", pipeline_outputs["tokens"]["test-000000"], "--json").stdout)
+    grids = np.load(pipeline_outputs["tokens"]["test-000000"])
+    counts = np.bincount(grids.reshape(-1), minlength=16)
+    assert tok["codes_used"] == int((counts > 0).sum()) and tok["codebook_size"] == 16
+    p = counts[counts > 0] / counts.sum()
+    assert abs(tok["perplexity"] - float(np.exp(-(p * np.log(p)).sum()))) < 0.01
+    assert sum(tok["label_histogram"].values()) == 60

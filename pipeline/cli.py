@@ -136,7 +136,8 @@ def cmd_features(args) -> int:
     encoder = load_configured_encoder(config, args.encoder)
     extract_features(args.shard, args.out, encoder, _view_spec(config), batch_size=enc["batch_size"],
                      num_workers=enc["num_workers"], device=enc["device"], precision=enc["precision"],
-                     progress=not args.quiet, encoder_meta=encoder_info(encoder))
+                     progress=not args.quiet, encoder_meta=encoder_info(encoder),
+                     view=config["kmeans"]["feature_view"], seed=config["kmeans"]["seed"])
     return 0
 
 

@@ -19,10 +19,14 @@ from .io import atomic_path, file_sha256
 
 def extract_features(tar_path: str | Path, out_path: str | Path, encoder, spec: ViewSpec, *, batch_size: int = 256,
                      num_workers: int = 0, device: str = "auto", precision: str = "auto", chunk: int = 64,
-                     progress: bool = True, encoder_meta: dict | None = None) -> dict:
-    """Encode view 0 (the centre crop) of every image of one shard into `out_path` (atomically)."""
+                     progress: bool = True, encoder_meta: dict | None = None, view: int = 0, seed: int = 0) -> dict:
+    """Encode one view of every image of one shard into `out_path` (atomically).
+
+    view 0 is the centre crop; view >= 1 a seeded random crop + flip (DiGIT's k-means features
+    came from random crops), the same view function the tokens stage uses.
+    """
     dev = resolve_device(device)
-    dataset = ShardViews([tar_path], spec, views=(0,))
+    dataset = ShardViews([tar_path], spec, views=(view,), seed=seed)
     n, grid = len(dataset), encoder.grid
     t0 = time.time()
     attrs = {
@@ -30,7 +34,8 @@ def extract_features(tar_path: str | Path, out_path: str | Path, encoder, spec: 
         "shard": str(tar_path), "shard_sha256": file_sha256(tar_path),
         "keys": dataset.keys, "labels": dataset.labels,
         "encoder": encoder_meta or {}, "grid": list(grid),
-        "preprocessing": {"resize_shorter_bicubic": spec.resize, "center_crop": spec.crop,
+        "view": view, "view_seed": seed,
+        "preprocessing": {"resize_shorter_bicubic": spec.resize, "crop": spec.crop,
                           "to_image_size_bicubic_no_antialias": spec.image_size,
                           "mean": list(spec.mean), "std": list(spec.std)},
         "dtype": "float16", "device": str(dev), "precision": precision,

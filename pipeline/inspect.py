@@ -116,7 +116,7 @@ def summarise_zarr(path: Path) -> dict:
            "chunks": list(arr.chunks), "images": len(attrs.get("keys", [])), "first_keys": attrs.get("keys", [])[:3],
            "encoder": {k: enc.get(k) for k in ("arch", "block_index", "depth", "grid", "weights_sha256",
                                                  "checkpoint_format")},
-           "preprocessing": attrs.get("preprocessing"), "shard": attrs.get("shard")}
+           "view": attrs.get("view"), "preprocessing": attrs.get("preprocessing"), "shard": attrs.get("shard")}
     if arr.shape[0]:
         first = np.asarray(arr[: min(64, arr.shape[0])], dtype=np.float32)
         out["sample_stats"] = {"mean": float(first.mean()), "std": float(first.std()),

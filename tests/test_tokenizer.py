@@ -73,7 +73,7 @@ def test_feature_store_layout(pipeline_outputs, shards, encoder):
     attrs = dict(arr.attrs)
     assert attrs["keys"] == [s.key for s in index_shard(shards / "train-000000.tar")]
     assert attrs["encoder"]["block_index"] == 0  # layer 3 = third block from the end of 3 blocks
-    assert attrs["encoder"]["weights_sha256"] and attrs["preprocessing"]["center_crop"] == 28
+    assert attrs["encoder"]["weights_sha256"] and attrs["preprocessing"]["crop"] == 28 and attrs["view"] == 0
     with torch.no_grad():
         views, _, _, _ = ShardViews([shards / "train-000000.tar"], SPEC)[5]
         from pipeline.data import encoder_input
@@ -183,3 +183,16 @@ def test_inspect_tokenizer_artifacts(pipeline_outputs):
     p = counts[counts > 0] / counts.sum()
     assert abs(tok["perplexity"] - float(np.exp(-(p * np.log(p)).sum()))) < 0.01
     assert sum(tok["label_histogram"].values()) == 60
+
+
+def test_random_view_features_match_the_tokens_views(shards, encoder, pipeline_outputs, tmp_path):
+    """Features of view 1 (seeded random crop) give exactly the tokens stage's view-1 tokens."""
+    tar = shards / "test-000000.tar"
+    store = tmp_path / "v1.zarr"
+    attrs = extract_features(tar, store, encoder, SPEC, batch_size=32, progress=False, view=1, seed=7)
+    assert attrs["view"] == 1
+    feats = np.asarray(zarr.open_array(str(store), mode="r")[:], dtype=np.float32)
+    ids = assign_tokens(feats.reshape(-1, feats.shape[-1]), pipeline_outputs["centroids"], use_gpu=False)
+    grids, _ = load_tokens(pipeline_outputs["tokens"]["test-000000"])
+    assert (ids.reshape(-1, 7, 7) == grids[:, 1]).mean() > 0.999
+    assert (ids.reshape(-1, 7, 7) != grids[:, 0]).any()

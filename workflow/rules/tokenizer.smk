@@ -74,7 +74,8 @@ rule features:
     output:
         directory(f"results/{RUN}/features/{{split}}-{{shard_id}}.zarr"),
     params:
-        cfg=lambda wc: cli_json(encoder=encoder_settings()),
+        cfg=lambda wc: cli_json(encoder=encoder_settings(),
+                                kmeans={k: config["kmeans"][k] for k in ("feature_view", "seed")}),
     threads: TORCH_THREADS
     resources:
         gpu=1,

@@ -1,0 +1,285 @@
+"""Stage-1 GPT over a grid of discrete tokens (DiGIT step 5), in one file, nanoGPT style.
+
+A pre-norm causal transformer over the h*w tokens of one image in raster order. The first input
+position holds the condition: a learned BOS vector (unconditional model) or a class embedding
+(class-conditional model). The class table has ``num_classes + 1`` rows; the last row is the
+"null" class, used for label dropout in training and as the unconditional branch of
+classifier-free guidance at sampling time.
+
+    input  = [cond, x_0, x_1, ..., x_{T-2}]      (T = h*w positions)
+    output =  logits for x_0, x_1, ..., x_{T-1}
+
+Position embeddings are learned, one row per input position plus one: row 0 is the condition,
+row t+1 the grid position t (raster order). Training and sampling use rows 0..T-1; ``features``
+also feeds the last token and so uses row T.
+
+The token embedding and the output head are NOT tied (the 219M / 732M paper sizes count both).
+Init follows GPT-2: normal(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2*n_layer),
+biases zero.
+
+Incremental decoding: ``new_cache`` -> ``prefill`` (the condition position) -> ``decode_step``
+(one token at a time). It gives the same logits as ``forward`` on the whole prefix.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRESETS: dict[str, dict] = {
+    # CPU-trainable in minutes; keeps the caller's vocab and grid.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128),
+    # DiGIT 219M: K=8192 DINOv2-B/14 k-means tokens, 16x16 grid.
+    "base": dict(n_layer=16, n_head=16, n_embd=1024, vocab_size=8192),
+    # DiGIT 732M: K=16384 DINOv2-L/14 k-means tokens, 16x16 grid.
+    "large": dict(n_layer=24, n_head=16, n_embd=1536, vocab_size=16384),
+}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 8192            # codebook size K
+    grid: tuple[int, int] = (16, 16)  # (h, w) -> block of h*w tokens
+    n_layer: int = 16
+    n_head: int = 16
+    n_embd: int = 1024
+    dropout: float = 0.0
+    num_classes: int = 0              # 0 = unconditional (BOS); else class-conditional
+    class_dropout: float = 0.1        # label dropout probability (training only, for CFG)
+    bias: bool = False                # bias in Linear and LayerNorm
+
+    def __post_init__(self):
+        self.grid = tuple(int(g) for g in self.grid)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} not divisible by n_head {self.n_head}")
+
+    @property
+    def block_size(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+class KVCache:
+    """Preallocated keys/values of every layer: (n_layer, B, n_head, max_len, head_dim).
+
+    ``pos`` is the number of positions already written (the next input goes to ``pos``)."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=None):
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        B, L, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            s = cache.pos
+            cache.k[layer, :, :, s:s + L] = k
+            cache.v[layer, :, :, s:s + L] = v
+            k, v = cache.k[layer, :, :, :s + L], cache.v[layer, :, :, :s + L]
+            if L == 1:      # one new query sees every cached position
+                y = F.scaled_dot_product_attention(q, k, v)
+            elif s == 0:    # prefill from an empty cache
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:           # a chunk after a prefix: query i sees positions <= s + i
+                mask = torch.ones(L, s + L, dtype=torch.bool, device=x.device).tril(diagonal=s)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, L, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        D = config.n_embd
+        self.tok_emb = nn.Embedding(config.vocab_size, D)
+        self.pos_emb = nn.Embedding(config.block_size + 1, D)  # row 0: condition; t+1: grid pos t
+        if config.num_classes > 0:
+            self.class_emb = nn.Embedding(config.num_classes + 1, D)  # last row: null class
+        else:
+            self.bos = nn.Parameter(torch.zeros(1, 1, D))
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(D, bias=config.bias)
+        self.head = nn.Linear(D, config.vocab_size, bias=False)  # untied from tok_emb
+
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.num_classes == 0:
+            nn.init.normal_(self.bos, mean=0.0, std=0.02)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+
+    @property
+    def null_class(self) -> int:
+        """Label of the unconditional ("null") class row; only for class-conditional models."""
+        return self.config.num_classes
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` leaves out token/position/class tables and the head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel() + self.head.weight.numel()
+            n -= self.class_emb.weight.numel() if self.config.num_classes else self.bos.numel()
+        return n
+
+    def extra_repr(self) -> str:
+        c = self.config
+        cond = f"{c.num_classes} classes (+null), label dropout {c.class_dropout}" \
+            if c.num_classes else "unconditional (BOS)"
+        return (f"params={self.num_params() / 1e6:.1f}M, K={c.vocab_size}, grid={c.grid[0]}x{c.grid[1]}, "
+                f"{c.n_layer}L x {c.n_head}H x {c.n_embd}d, {cond}")
+
+    # -- embeddings --------------------------------------------------------------------------------
+
+    def cond_embedding(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """(B, 1, D) condition vectors. ``labels=None`` on a class model means the null class.
+        Label dropout (to the null class) is applied only in training mode."""
+        c = self.config
+        if c.num_classes == 0:
+            return self.bos.expand(batch_size, 1, -1)
+        device = self.class_emb.weight.device
+        if labels is None:
+            labels = torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
+        labels = labels.to(device=device, dtype=torch.long)
+        if self.training and c.class_dropout > 0:
+            drop = torch.rand(labels.shape, device=device) < c.class_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return self.class_emb(labels).unsqueeze(1)
+
+    def _embed(self, prefix: torch.Tensor, labels, start: int = 0) -> torch.Tensor:
+        """[cond] + prefix -> (B, 1 + L, D) with positions start.. added."""
+        B, L = prefix.shape
+        x = torch.cat([self.cond_embedding(labels, B), self.tok_emb(prefix)], dim=1)
+        pos = torch.arange(start, start + L + 1, device=x.device)
+        return self.drop(x + self.pos_emb(pos))
+
+    # -- full sequence -----------------------------------------------------------------------------
+
+    def forward(self, tokens, labels=None, targets=None, label_smoothing: float = 0.0):
+        """tokens (B, T) long -> logits (B, T, V) where logits[:, t] predicts tokens[:, t] from
+        the condition and tokens[:, :t]. loss: cross-entropy against ``targets`` (usually the
+        tokens themselves), or None."""
+        B, T = tokens.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens > block size {self.config.block_size}")
+        x = self._embed(tokens[:, :-1], labels)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   label_smoothing=label_smoothing)
+        return logits, loss
+
+    def next_logits(self, prefix: torch.Tensor, labels=None) -> torch.Tensor:
+        """Logits (B, V) for the token after ``prefix`` (B, t), recomputing everything (no cache)."""
+        x = self._embed(prefix, labels)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x[:, -1]))
+
+    @torch.no_grad()
+    def features(self, tokens, labels=None, layer: int | None = None):
+        """Hidden states for linear probing: the output of every block (before ``ln_f``), at the
+        T token positions only (the condition position is dropped), so that state t has seen the
+        condition and tokens[:, :t+1] (all T tokens are fed). Returns a list of n_layer (B, T, D)
+        tensors, or the single (B, T, D) tensor of block ``layer`` (0-based; later blocks are not
+        computed)."""
+        x = self._embed(tokens, labels)
+        out = []
+        last = self.config.n_layer - 1 if layer is None else layer
+        for block in self.blocks[:last + 1]:
+            x = block(x)
+            out.append(x[:, 1:])
+        return out if layer is None else out[-1]
+
+    # -- incremental decoding ----------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
+        c = self.config
+        w = self.head.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
+                       device=device or w.device, dtype=dtype or w.dtype)
+
+    def _step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        L = x.shape[1]
+        if cache.pos + L > cache.max_len:
+            raise ValueError(f"KV cache full ({cache.max_len} positions)")
+        x = self.drop(x + self.pos_emb(torch.arange(cache.pos, cache.pos + L, device=x.device)))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        cache.pos += L
+        return self.head(self.ln_f(x[:, -1]))
+
+    def prefill(self, labels, cache: KVCache) -> torch.Tensor:
+        """Write the condition position into an empty cache; logits (B, V) for token 0."""
+        if cache.pos != 0:
+            raise ValueError("prefill needs an empty cache")
+        return self._step(self.cond_embedding(labels, cache.k.shape[1]), cache)
+
+    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed token (B,) at the next position; logits (B, V) for the token after it."""
+        return self._step(self.tok_emb(token.view(-1, 1)), cache)

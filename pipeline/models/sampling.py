@@ -1,0 +1,122 @@
+"""Autoregressive sampling for the stage-1 GPT (LlamaGen style: small and separate from the model).
+
+Every sample has its own ``torch.Generator`` seeded by ``seeds[i]`` and draws exactly one uniform
+number per token, so a sample does not depend on the batch it was drawn in nor on the other seeds.
+The draw is inverse-CDF: token = first index whose cumulative probability exceeds u * total.
+
+Classifier-free guidance runs the conditional and the null-class rows as one doubled batch and
+mixes the logits: uncond + cfg_scale * (cond - uncond). cfg_scale == 1 skips the null branch, so
+it is exactly the conditional model.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.models.gpt import GPT
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k largest logits of each row, set the rest to -inf."""
+    if k is None or k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability sum >= p
+    (the most likely token is always kept)."""
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = (cum - sorted_logits.softmax(dim=-1)) >= p  # mass before this token already >= p
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of probs (B, V), row i using generators[i] (one uniform each)."""
+    u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64)
+                     for g in generators]).to(probs.device)
+    cdf = probs.double().cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return idx.clamp_(max=probs.size(-1) - 1)
+
+
+def pick(logits, generators, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
+    """Filter/temper logits (B, V) and draw one token per row. temperature 0 = argmax (the
+    generators are still advanced, so seeds stay aligned)."""
+    logits = logits.float()
+    if temperature == 0:
+        draw(torch.ones_like(logits), generators)
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return draw(logits.softmax(dim=-1), generators)
+
+
+@torch.inference_mode()
+def _sample_batch(model: GPT, labels, generators, temperature, top_k, top_p, cfg_scale, use_cache):
+    B, T = len(generators), model.config.block_size
+    device = model.head.weight.device
+    guided = cfg_scale != 1.0
+    if guided:
+        if model.config.num_classes == 0:
+            raise ValueError("classifier-free guidance needs a class-conditional model")
+        null = torch.full((B,), model.null_class, dtype=torch.long, device=device)
+        labels = torch.cat([labels, null])
+
+    def mix(logits):
+        if not guided:
+            return logits
+        cond, uncond = logits.float().chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    x = torch.zeros(B, T, dtype=torch.long, device=device)
+    cache = model.new_cache(2 * B if guided else B) if use_cache else None
+    for t in range(T):
+        if use_cache:
+            if t == 0:
+                logits = model.prefill(labels, cache)
+            else:
+                prev = x[:, t - 1]
+                logits = model.decode_step(torch.cat([prev, prev]) if guided else prev, cache)
+        else:
+            prefix = x[:, :t]
+            logits = model.next_logits(torch.cat([prefix, prefix]) if guided else prefix, labels)
+        x[:, t] = pick(mix(logits), generators, temperature, top_k, top_p)
+    return x
+
+
+def sample(model: GPT, n: int, labels=None, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, cfg_scale: float = 1.0, seeds=None, use_cache: bool = True,
+           batch_size: int = 64) -> torch.LongTensor:
+    """Draw n token grids (n, h*w) from ``model`` (put in eval mode for the call).
+
+    labels: (n,) class ids for a class-conditional model (None = null class / unconditional).
+    seeds: one int per sample (default 0..n-1); sample i depends only on seeds[i] and labels[i].
+    use_cache=False recomputes the whole prefix every step (the baseline for bench/sampling.py).
+    """
+    device = model.head.weight.device
+    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} samples")
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+        if labels.numel() == 1 and n > 1:
+            labels = labels.expand(n)
+        if labels.numel() != n:
+            raise ValueError(f"{labels.numel()} labels for {n} samples")
+    elif cfg_scale != 1.0:
+        raise ValueError("classifier-free guidance needs labels")
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for i in range(0, n, batch_size):
+            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[i:i + batch_size]]
+            lab = None if labels is None else labels[i:i + batch_size]
+            out.append(_sample_batch(model, lab, gens, temperature, top_k, top_p, cfg_scale, use_cache))
+        return torch.cat(out)
+    finally:
+        model.train(was_training)

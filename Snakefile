@@ -20,6 +20,7 @@ except ConfigError as exc:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/shards.smk"
 include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/stage1.smk"
 
 
 rule all:

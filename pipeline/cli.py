@@ -174,6 +174,33 @@ def cmd_tokens(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import train_stage1
+    config = resolve_config(args)
+    _set_threads(args)
+    train_stage1(config["train"], sorted(args.tokens), args.out_dir, max_steps=args.max_steps,
+                 progress=not args.quiet)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .sample import sample_stage
+    config = resolve_config(args)
+    _set_threads(args)
+    sample_stage(args.checkpoint, args.out_dir, config["sample"], device=config["train"]["device"],
+                 progress=not args.quiet)
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .metrics.probe import probe_stage
+    config = resolve_config(args)
+    _set_threads(args)
+    probe_stage(args.checkpoint, sorted(args.train), sorted(args.test), args.out, config["probe"],
+                device=config["train"]["device"], progress=not args.quiet)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspect import format_summary, summarise
     summary = summarise(args.path)
@@ -244,6 +271,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output token grids (.npy); the .json goes next to it")
     _add_torch_args(p, encoder=True)
     p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("train", help="train the stage-1 GPT on token shards (exact resume; DDP under torchrun)",
+                       description="Trains the GPT over token grids. Resumes exactly from OUT_DIR/last.pt when it "
+                                   "exists and the settings match. Under `torchrun --nproc_per_node N -m pipeline "
+                                   "train ...` it runs DDP with the same global batch.")
+    _add_config_args(p)
+    p.add_argument("--tokens", nargs="+", required=True, help="token shards (.npy with .json sidecars)")
+    p.add_argument("--out-dir", required=True, help="checkpoint folder (last.pt, final.pt, metrics.jsonl/csv)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps in total (resume later)")
+    _add_torch_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample token grids from a stage-1 checkpoint (resumable, seeded per sample)",
+                       description="Writes OUT_DIR/tokens.npy, labels.npy and samples.json. Sample i is seeded "
+                                   "from (seed, i): results do not depend on batch size or process count.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out-dir", required=True)
+    _add_torch_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("probe", help="linear probe of every layer of a frozen stage-1 GPT",
+                       description="Mean-pooled hidden states of every layer on train and test tokens, one "
+                                   "linear classifier per layer; top-1 per layer and the best layer.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--train", nargs="+", required=True, help="train token shards (.npy)")
+    p.add_argument("--test", nargs="+", required=True, help="test token shards (.npy)")
+    p.add_argument("--out", required=True, help="output probe.json")
+    _add_torch_args(p)
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("inspect", help="summarise an artifact (shard, manifest, dataset folder, sidecar, ...)")
     p.add_argument("path")

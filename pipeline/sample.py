@@ -1,0 +1,207 @@
+"""Sample stage: draw token grids from a trained stage-1 GPT (DiGIT step 8, the 50k samples for FID/IS).
+
+Layout of ``out_dir``::
+
+    parts/part-{j:05d}.npy    tokens (m, h, w) uint16 of samples [j*chunk, j*chunk + m)
+    parts/part-{j:05d}.json   labels of the part, its range and the hash of every parameter that
+                              decides its contents; written last, so it marks the part finished
+    tokens.npy                (n_total, h, w) uint16, all parts in order
+    labels.npy                (n_total,) int64, -1 for an unconditional model
+    samples.json              checkpoint + sha256, every sampling parameter, seed rule, timings
+
+Which samples: a class-conditional model gets exactly ``n_per_class`` samples of each class
+0..C-1 in class-major order (labels 0,0,..,1,1,..); an unconditional model gets ``n`` samples.
+
+Seeds: sample i (global index) is drawn with its own generator seeded with
+``seed * 1_000_003 + i`` (``sample_seed``); ``pipeline.models.sampling.sample`` draws one uniform
+per token from it, so a sample depends neither on ``batch_size`` nor ``chunk`` nor on the number of
+processes.
+
+Resuming: a restarted run skips every part whose json holds the same parameter hash (checkpoint
+sha256, EMA or not, temperature, top_k, top_p, cfg_scale, seed, sample counts, chunk) and redoes the
+others. Changing a parameter therefore regenerates everything; changing ``batch_size`` or the device
+does not.
+
+Several processes: with env ``WORLD_SIZE`` > 1 and ``RANK`` set (e.g. a SLURM array or torchrun,
+no torch.distributed used), rank r produces the parts j with j % WORLD_SIZE == r. Any process that,
+after its own parts, finds every part finished writes the final files (atomically, so two writers
+are harmless); the others return ``{"complete": False, ...}``. A last run with WORLD_SIZE unset
+always assembles.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import atomic_path, file_sha256, write_json_atomic
+from .models.gpt import GPT, GPTConfig
+from .models.sampling import sample
+
+SEED_STRIDE = 1_000_003
+SEED_RULE = f"sample i uses torch.Generator seeded with seed * {SEED_STRIDE} + i"
+PARAM_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "seed")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def sample_seed(seed: int, i: int) -> int:
+    return int(seed) * SEED_STRIDE + int(i)
+
+
+def _load_model(path: str | Path, ema: bool = True, device="cpu") -> tuple[GPT, dict]:
+    """Read a training checkpoint (dict with "model_config", "model", optional "ema", "step", ...)
+    -> (GPT in eval mode, the checkpoint's other entries + "weights": "ema" | "model")."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = dict(ckpt["model_config"])
+    cfg["grid"] = tuple(cfg["grid"])
+    model = GPT(GPTConfig(**cfg))
+    use_ema = bool(ema) and ckpt.get("ema") is not None
+    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "opt")}
+    meta["weights"] = "ema" if use_ema else "model"
+    return model, meta
+
+
+def plan_labels(num_classes: int, sample_cfg: dict) -> np.ndarray:
+    """Labels of every sample: class-major n_per_class of each class, or n times -1."""
+    if num_classes > 0:
+        return np.repeat(np.arange(num_classes, dtype=np.int64), int(sample_cfg["n_per_class"]))
+    return np.full(int(sample_cfg["n"]), -1, dtype=np.int64)
+
+
+def _params_hash(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _part_paths(out_dir: Path, j: int) -> tuple[Path, Path]:
+    base = out_dir / "parts" / f"part-{j:05d}"
+    return base.with_suffix(".npy"), base.with_suffix(".json")
+
+
+def _part_done(out_dir: Path, j: int, phash: str, start: int, stop: int) -> bool:
+    npy, js = _part_paths(out_dir, j)
+    if not (npy.is_file() and js.is_file()):
+        return False
+    try:
+        meta = json.loads(js.read_text())
+        shape = np.load(npy, mmap_mode="r").shape
+    except (OSError, ValueError):
+        return False
+    return (meta.get("params_hash") == phash and meta.get("start") == start and meta.get("stop") == stop
+            and shape[0] == stop - start)
+
+
+def _world() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0) if world > 1 else 0
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK {rank} outside WORLD_SIZE {world}")
+    return rank, world
+
+
+def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str = "auto",
+                 progress: bool = True) -> dict:
+    """Sample tokens from ``checkpoint`` into ``out_dir`` (see the module docstring). Returns the
+    samples.json dict, or {"complete": False, ...} if other ranks still have parts to do."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    dev = resolve_device(device)
+    out = Path(out_dir)
+    ckpt_sha = file_sha256(checkpoint)
+    ema = bool(sample_cfg.get("ema", True))
+    model, ckpt_meta = _load_model(checkpoint, ema=ema, device=dev)
+    c = model.config
+    h, w = c.grid
+    labels = plan_labels(c.num_classes, sample_cfg)
+    n_total = len(labels)
+    chunk = int(sample_cfg["chunk"])
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    cfg_scale = float(sample_cfg["cfg_scale"])
+    if c.num_classes == 0 and cfg_scale != 1.0:
+        raise ValueError("cfg_scale != 1 needs a class-conditional model")
+    if c.vocab_size > np.iinfo(np.uint16).max + 1:
+        raise ValueError(f"vocab {c.vocab_size} does not fit uint16 tokens")
+
+    params = {k: sample_cfg[k] for k in PARAM_KEYS}
+    params.update(checkpoint_sha256=ckpt_sha, weights=ckpt_meta["weights"], n_total=n_total,
+                  num_classes=c.num_classes, chunk=chunk, seed_rule=SEED_RULE)
+    phash = _params_hash(params)
+    n_parts = (n_total + chunk - 1) // chunk
+    ranges = [(j * chunk, min(n_total, (j + 1) * chunk)) for j in range(n_parts)]
+    rank, world = _world()
+    mine = [j for j in range(n_parts) if j % world == rank]
+    todo = [j for j in mine if not _part_done(out, j, phash, *ranges[j])]
+
+    made, t_sampling = 0, 0.0
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sample {Path(out_dir).name}",
+              unit="part", disable=not progress, file=sys.stderr) as bar:
+        for j in todo:
+            start, stop = ranges[j]
+            lab = labels[start:stop]
+            t0 = time.time()
+            toks = sample(model, stop - start, labels=None if c.num_classes == 0 else torch.from_numpy(lab),
+                          temperature=float(sample_cfg["temperature"]), top_k=sample_cfg["top_k"],
+                          top_p=sample_cfg["top_p"], cfg_scale=cfg_scale,
+                          seeds=[sample_seed(sample_cfg["seed"], i) for i in range(start, stop)],
+                          batch_size=int(sample_cfg["batch_size"]))
+            t_sampling += time.time() - t0
+            made += stop - start
+            npy, js = _part_paths(out, j)
+            with atomic_path(npy) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, toks.cpu().numpy().astype(np.uint16).reshape(-1, h, w))
+            write_json_atomic(js, {"params_hash": phash, "start": start, "stop": stop,
+                                   "labels": lab.tolist()})
+            bar.update(1)
+
+    if not all(_part_done(out, j, phash, *ranges[j]) for j in range(n_parts)):
+        return {"complete": False, "rank": rank, "world_size": world, "parts": n_parts,
+                "made_samples": made}
+
+    tokens = np.zeros((n_total, h, w), dtype=np.uint16)
+    for j, (start, stop) in enumerate(ranges):
+        npy, js = _part_paths(out, j)
+        tokens[start:stop] = np.load(npy)
+        if json.loads(js.read_text())["labels"] != labels[start:stop].tolist():
+            raise RuntimeError(f"labels of {js} do not match the plan")
+    with atomic_path(out / "tokens.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, tokens)
+    with atomic_path(out / "labels.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, labels)
+    meta = {
+        "stage": "sample", "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt_sha,
+        "weights": ckpt_meta["weights"], "model_step": ckpt_meta.get("step"),
+        "model_config": ckpt_meta.get("model_config"), "sample_cfg": dict(sample_cfg),
+        **{k: sample_cfg[k] for k in PARAM_KEYS}, "batch_size": int(sample_cfg["batch_size"]),
+        "chunk": chunk, "n": n_total, "n_per_class": int(sample_cfg["n_per_class"]) if c.num_classes else None,
+        "num_classes": c.num_classes, "grid": [h, w], "vocab_size": c.vocab_size,
+        "labels_rule": "class-major, n_per_class per class" if c.num_classes else "unconditional: -1",
+        "seed_rule": SEED_RULE, "params_hash": phash, "parts": n_parts, "world_size": world,
+        "device": str(dev), "made_samples_this_run": made,
+        "sampling_seconds_this_run": round(t_sampling, 3),
+        "tokens_per_s": round(made * h * w / t_sampling, 1) if t_sampling > 0 else None,
+        "seconds": round(time.time() - t_start, 3),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "complete": True,
+    }
+    write_json_atomic(out / "samples.json", meta)
+    print(f"[sample] {n_total} samples ({made} new) -> {out}", file=sys.stderr)
+    return meta

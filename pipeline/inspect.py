@@ -165,6 +165,47 @@ def summarise_centroids(path: Path) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- checkpoints and samples
+
+def _load_pickle(path: Path) -> dict:
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # our own training checkpoints hold numpy RNG states
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@summariser(lambda p: p.is_file() and p.suffix in (".pt", ".pth"))
+def summarise_checkpoint(path: Path) -> dict:
+    ckpt = _load_pickle(path)
+    if not isinstance(ckpt, dict):
+        return {"kind": "torch file", "type": type(ckpt).__name__}
+    state = ckpt.get("model") or ckpt.get("state_dict") or {k: v for k, v in ckpt.items() if hasattr(v, "shape")}
+    params = sum(int(v.numel()) for v in state.values() if hasattr(v, "numel"))
+    out = {"kind": f"checkpoint ({ckpt.get('format', 'state dict')})", "parameters": params,
+           "tensors": len(state), "keys": sorted(ckpt)[:20]}
+    for key in ("arch", "step", "model_config", "model_kwargs", "data_position"):
+        if key in ckpt:
+            out[key] = ckpt[key]
+    meta = ckpt.get("meta")
+    if isinstance(meta, dict):
+        out["meta"] = {k: v for k, v in meta.items() if k in ("test_accuracy", "objective", "num_classes", "seconds")}
+    if ckpt.get("ema") is not None:
+        out["ema"] = True
+    return out
+
+
+@summariser(lambda p: p.is_dir() and (p / "samples.json").is_file())
+def summarise_samples(path: Path) -> dict:
+    tokens = np.load(path / "tokens.npy", mmap_mode="r")
+    labels = np.load(path / "labels.npy")
+    meta = json.loads((path / "samples.json").read_text())
+    return {"kind": "sampled token grids", "shape": list(tokens.shape), "dtype": str(tokens.dtype),
+            "label_histogram": histogram(labels.tolist()),
+            "sampling": {k: v for k, v in meta.items() if k in ("temperature", "top_k", "top_p", "cfg_scale", "seed")},
+            **codebook_stats(np.asarray(tokens), None)}
+
+
 @summariser(lambda p: p.is_file() and p.suffix == ".json")
 def summarise_json(path: Path) -> dict:
     meta = json.loads(path.read_text())

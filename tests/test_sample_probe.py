@@ -52,7 +52,8 @@ def test_class_counts_and_meta(ckpt, tmp_path):
 
 
 def test_batch_and_chunk_invariance(ckpt, tmp_path):
-    ref = run(ckpt, tmp_path / "ref", batch_size=1, chunk=3) and np.load(tmp_path / "ref/tokens.npy")
+    run(ckpt, tmp_path / "ref", batch_size=1, chunk=3)
+    ref = np.load(tmp_path / "ref/tokens.npy")
     for i, over in enumerate([dict(batch_size=8, chunk=3), dict(batch_size=8, chunk=10),
                               dict(batch_size=2, chunk=1)]):
         run(ckpt, tmp_path / f"o{i}", **over)

@@ -203,7 +203,7 @@ def summarise_samples(path: Path) -> dict:
     return {"kind": "sampled token grids", "shape": list(tokens.shape), "dtype": str(tokens.dtype),
             "label_histogram": histogram(labels.tolist()),
             "sampling": {k: v for k, v in meta.items() if k in ("temperature", "top_k", "top_p", "cfg_scale", "seed")},
-            **codebook_stats(np.asarray(tokens), None)}
+            **codebook_stats(np.asarray(tokens), meta.get("vocab_size"))}
 
 
 @summariser(lambda p: p.is_file() and p.suffix == ".json")

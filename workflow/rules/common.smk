@@ -22,4 +22,9 @@ def shard_settings():
 
 
 def all_targets(wildcards):
-    return [f"shards/{DATASET}/manifest.parquet", *token_targets()]
+    return [
+        f"shards/{DATASET}/manifest.parquet",
+        *token_targets(),
+        f"results/{RUN}/samples/digit/samples.json",
+        f"results/{RUN}/probe/digit.json",
+    ]

@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .encode import resolve_device
 from .io import atomic_path, file_sha256, write_json_atomic
-from .models.gpt import GPT, GPTConfig
+from .models.gpt import GPT
 from .models.sampling import sample
 
 SEED_STRIDE = 1_000_003
@@ -49,30 +50,16 @@ SEED_RULE = f"sample i uses torch.Generator seeded with seed * {SEED_STRIDE} + i
 PARAM_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "seed")
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def sample_seed(seed: int, i: int) -> int:
     return int(seed) * SEED_STRIDE + int(i)
 
 
 def _load_model(path: str | Path, ema: bool = True, device="cpu") -> tuple[GPT, dict]:
-    """Read a training checkpoint (dict with "model_config", "model", optional "ema", "step", ...)
-    -> (GPT in eval mode, the checkpoint's other entries + "weights": "ema" | "model")."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = dict(ckpt["model_config"])
-    cfg["grid"] = tuple(cfg["grid"])
-    model = GPT(GPTConfig(**cfg))
-    use_ema = bool(ema) and ckpt.get("ema") is not None
-    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "opt")}
-    meta["weights"] = "ema" if use_ema else "model"
+    """The frozen stage-1 GPT of a training checkpoint; meta gains "weights": "ema" | "model"."""
+    from .train import load_model
+    model, meta = load_model(str(path), ema=ema, device=device)
+    model.requires_grad_(False)
+    meta["weights"] = "ema" if meta["ema"] else "model"
     return model, meta
 
 

@@ -23,7 +23,7 @@ def make_ckpt(path: Path, num_classes=3, seed=0, ema=True) -> Path:
     mc = asdict(cfg)
     mc["grid"] = list(mc["grid"])
     state = model.state_dict()
-    torch.save({"format": "gpt-v1", "model_config": mc, "model": state,
+    torch.save({"format": "digit-stage1-v1", "model_config": mc, "model": state,
                 "ema": {k: v.clone() for k, v in state.items()} if ema else None,
                 "step": 123, "train_cfg": {}}, path)
     return path

@@ -94,7 +94,8 @@ def train_linear(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: t
 
 def probe_stage(checkpoint: str, train_files: list[str], test_files: list[str], out_json: str,
                 probe_cfg: dict, *, device: str = "auto", progress: bool = True) -> dict:
-    from ..sample import _load_model, resolve_device
+    from ..encode import resolve_device
+    from ..sample import _load_model
 
     t0 = time.time()
     dev = resolve_device(device)

@@ -54,6 +54,14 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def write_npy_atomic(path: str | Path, array) -> None:
+    """np.save under a temp name, then rename (a .npy that exists is complete)."""
+    import numpy as np
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.io import atomic_path, file_sha256, write_json_atomic
+from pipeline.io import file_sha256, write_json_atomic, write_npy_atomic
 
 FORMAT = "digit-kmeans-v1"
 INIT_METHODS = ("random", "kmeans++")
@@ -377,9 +377,7 @@ def run_kmeans_stage(store_paths: Sequence[str | Path], out_dir: str | Path, k: 
          f"{train['inertia']:.6g}, {train['n_empty_clusters']} empty cluster(s)")
 
     t0 = time.perf_counter()
-    with atomic_path(out_dir / "centroids.npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, centroids)
+    write_npy_atomic(out_dir / "centroids.npy", centroids)
     t_write = time.perf_counter() - t0
 
     indices = sample.pop("indices")

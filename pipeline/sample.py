@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .encode import resolve_device
-from .io import atomic_path, file_sha256, write_json_atomic
+from .io import file_sha256, write_json_atomic, write_npy_atomic
 from .models.gpt import GPT
 from .models.sampling import sample
 
@@ -150,9 +150,7 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
             t_sampling += time.time() - t0
             made += stop - start
             npy, js = _part_paths(out, j)
-            with atomic_path(npy) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, toks.cpu().numpy().astype(np.uint16).reshape(-1, h, w))
+            write_npy_atomic(npy, toks.cpu().numpy().astype(np.uint16).reshape(-1, h, w))
             write_json_atomic(js, {"params_hash": phash, "start": start, "stop": stop,
                                    "labels": lab.tolist()})
             bar.update(1)
@@ -167,12 +165,8 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
         tokens[start:stop] = np.load(npy)
         if json.loads(js.read_text())["labels"] != labels[start:stop].tolist():
             raise RuntimeError(f"labels of {js} do not match the plan")
-    with atomic_path(out / "tokens.npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, tokens)
-    with atomic_path(out / "labels.npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, labels)
+    write_npy_atomic(out / "tokens.npy", tokens)
+    write_npy_atomic(out / "labels.npy", labels)
     meta = {
         "stage": "sample", "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt_sha,
         "weights": ckpt_meta["weights"], "model_step": ckpt_meta.get("step"),

@@ -20,7 +20,7 @@ import torch
 
 from .data import ShardViews, ViewSpec
 from .encode import encode_shard_views, resolve_device
-from .io import atomic_path, file_sha256, write_json_atomic
+from .io import file_sha256, write_json_atomic, write_npy_atomic
 
 
 def token_dtype(k: int):
@@ -66,9 +66,7 @@ def tokenize_shard(tar_path: str | Path, out_npy: str | Path, encoder, centroids
         "device": str(dev), "seconds": round(time.time() - t0, 3), **(provenance or {}),
     }
     out_npy = Path(out_npy)
-    with atomic_path(out_npy) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, grids)
+    write_npy_atomic(out_npy, grids)
     write_json_atomic(out_npy.with_suffix(".json"), meta)
     print(f"[tokens] {Path(tar_path).name}: {n} images x {views} views -> {out_npy} ({meta['seconds']} s)",
           file=sys.stderr)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .data import ViewSpec, crop_view, index_shard, read_image, to_tensor
 from .encoder_train import _original_size, cut_views, load_resized_images
-from .io import atomic_path, file_sha256, read_json, write_json_atomic
+from .io import atomic_path, file_sha256, read_json, write_json_atomic, write_npy_atomic
 from .models.vqgan import VQGAN, VQGANConfig, load_taming_checkpoint, preset
 
 FORMAT = "digit-vq-v1"
@@ -233,9 +233,7 @@ def vq_tokenize_shard(tar_path: str | Path, token_json: str | Path, out_npy: str
             "preprocessing": {"resize": spec.resize, "crop": spec.crop, "pixels": "[-1, 1]"},
             "seconds": round(time.time() - t0, 3)}
     out_npy = Path(out_npy)
-    with atomic_path(out_npy) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, grids)
+    write_npy_atomic(out_npy, grids)
     write_json_atomic(out_npy.with_suffix(".json"), meta)
     print(f"[vq tokens] {Path(tar_path).name}: {n} images x {v} views -> {out_npy} ({meta['seconds']} s)",
           file=sys.stderr)

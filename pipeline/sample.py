@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from .encode import resolve_device
-from .io import file_sha256, write_json_atomic, write_npy_atomic
-from .models.gpt import GPT
+from .io import write_json_atomic, write_npy_atomic
 from .models.sampling import sample
+from .train import load_model
 
 SEED_STRIDE = 1_000_003
 SEED_RULE = f"sample i uses torch.Generator seeded with seed * {SEED_STRIDE} + i"
@@ -52,15 +52,6 @@ PARAM_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "seed")
 
 def sample_seed(seed: int, i: int) -> int:
     return int(seed) * SEED_STRIDE + int(i)
-
-
-def _load_model(path: str | Path, ema: bool = True, device="cpu") -> tuple[GPT, dict]:
-    """The frozen stage-1 GPT of a training checkpoint; meta gains "weights": "ema" | "model"."""
-    from .train import load_model
-    model, meta = load_model(str(path), ema=ema, device=device)
-    model.requires_grad_(False)
-    meta["weights"] = "ema" if meta["ema"] else "model"
-    return model, meta
 
 
 def plan_labels(num_classes: int, sample_cfg: dict) -> np.ndarray:
@@ -109,9 +100,9 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
     t_start = time.time()
     dev = resolve_device(device)
     out = Path(out_dir)
-    ckpt_sha = file_sha256(checkpoint)
     ema = bool(sample_cfg.get("ema", True))
-    model, ckpt_meta = _load_model(checkpoint, ema=ema, device=dev)
+    model, ckpt_meta = load_model(str(checkpoint), ema=ema, device=dev)
+    ckpt_sha = ckpt_meta["sha256"]
     c = model.config
     h, w = c.grid
     labels = plan_labels(c.num_classes, sample_cfg)

@@ -514,7 +514,7 @@ def _train(cfg, token_files, out: Path, device, rank, world, master, max_steps, 
 # -- loading ----------------------------------------------------------------------------------------
 
 def load_model(checkpoint: str, ema: bool = True, device: str = "cpu") -> tuple[GPT, dict]:
-    """GPT from a stage-1 checkpoint (EMA weights when present and ``ema``), in eval mode."""
+    """Frozen GPT from a stage-1 checkpoint (EMA weights when present and ``ema``), in eval mode."""
     ck = _load_ckpt(checkpoint, device)
     if ck.get("format") != CKPT_FORMAT:
         raise ValueError(f"{checkpoint}: not a stage-1 checkpoint (format {ck.get('format')!r})")
@@ -524,9 +524,10 @@ def load_model(checkpoint: str, ema: bool = True, device: str = "cpu") -> tuple[
     use_ema = bool(ema and ck.get("ema") is not None)
     state = ck["ema"] if use_ema else ck["model"]
     model.load_state_dict(state)
-    model.to(device).eval()
+    model.to(device).eval().requires_grad_(False)
     meta = {"step": ck["step"], "train_cfg": ck["train_cfg"], "model_config": ck["model_config"],
             "sha256": file_sha256(checkpoint), "num_classes": mc["num_classes"],
             "vocab_size": mc["vocab_size"], "grid": list(mc["grid"]), "ema": use_ema,
+            "weights": "ema" if use_ema else "model",
             "num_params": ck.get("num_params"), "token_files": ck.get("token_files")}
     return model, meta

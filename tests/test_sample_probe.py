@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pipeline.sample as sample_mod
+from pipeline.io import file_sha256
 from pipeline.metrics.probe import probe_stage
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.sample import sample_stage
@@ -45,7 +46,7 @@ def test_class_counts_and_meta(ckpt, tmp_path):
     assert labels.dtype == np.int64 and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     js = json.loads((tmp_path / "a/samples.json").read_text())
     assert js == meta and js["n"] == 9 and js["model_step"] == 123 and js["weights"] == "ema"
-    assert js["checkpoint_sha256"] == sample_mod.file_sha256(ckpt)
+    assert js["checkpoint_sha256"] == file_sha256(ckpt)
     for k in ("temperature", "top_k", "top_p", "cfg_scale", "seed", "batch_size", "chunk"):
         assert js[k] == {**CFG, "cfg_scale": 1.5, "top_k": 8}[k]
     assert "seed" in js["seed_rule"]

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import file_sha256, write_json_atomic
+from ..io import write_json_atomic
 from ..tokens import load_tokens
 
 
@@ -95,11 +95,11 @@ def train_linear(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: t
 def probe_stage(checkpoint: str, train_files: list[str], test_files: list[str], out_json: str,
                 probe_cfg: dict, *, device: str = "auto", progress: bool = True) -> dict:
     from ..encode import resolve_device
-    from ..sample import _load_model
+    from ..train import load_model
 
     t0 = time.time()
     dev = resolve_device(device)
-    model, ckpt_meta = _load_model(checkpoint, ema=bool(probe_cfg.get("ema", True)), device=dev)
+    model, ckpt_meta = load_model(str(checkpoint), ema=bool(probe_cfg.get("ema", True)), device=dev)
     c = model.config
     xtr_tok, ytr, info = _load_split(list(train_files), probe_cfg.get("max_train"))
     xte_tok, yte, _ = _load_split(list(test_files))
@@ -124,7 +124,7 @@ def probe_stage(checkpoint: str, train_files: list[str], test_files: list[str], 
             print(f"[probe] layer {l}: train {tr:.4f} test {te:.4f}", file=sys.stderr)
     best = max(per_layer, key=lambda r: r["test_acc"])
     result = {
-        "stage": "probe", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+        "stage": "probe", "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt_meta["sha256"],
         "weights": ckpt_meta["weights"], "model_step": ckpt_meta.get("step"),
         "condition": "null class" if c.num_classes else "BOS", "view": 0, "pooling": "mean over positions",
         "layers": "0-based block outputs before ln_f", "per_layer": per_layer,

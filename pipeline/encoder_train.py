@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .data import ShardViews, ViewSpec, encoder_input, read_image, resized_size, view_params
+from .data import ShardViews, ViewSpec, encoder_input, index_shard, read_image, resized_size, view_params
 from .encoders import save_timm_encoder
 from .io import write_json_atomic
 
@@ -130,6 +130,5 @@ def train_encoder(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, t
 
 
 def _original_size(tar_paths) -> tuple[int, int]:
-    data = ShardViews(tar_paths[:1], ViewSpec(1, 1, 1, (0,) * 3, (1,) * 3))
-    path, sample = data.entries[0]
-    return read_image(path, sample).size
+    """Size of the first image (all images share it, see `load_resized_images`)."""
+    return read_image(tar_paths[0], index_shard(tar_paths[0])[0]).size

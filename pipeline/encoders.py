@@ -811,21 +811,7 @@ def load_encoder(
     vit = _create_empty(spec.timm_name, img_size=img_size, depth=block_index + 1, num_classes=0)
     timm_state = official_to_timm_state_dict(official, arch, grid=grid, n_blocks=block_index + 1)
     _load_exact(vit, timm_state, f"timm {spec.timm_name} (blocks 0..{block_index})")
-    info = EncoderInfo(
-        arch=arch,
-        layer=layer,
-        block_index=block_index,
-        depth=spec.depth,
-        embed_dim=spec.embed_dim,
-        patch_size=spec.patch_size,
-        img_size=img_size,
-        grid=grid,
-        num_prefix_tokens=vit.num_prefix_tokens,
-        checkpoint=None if checkpoint is None else str(checkpoint),
-        checkpoint_format=layout,
-        weights_sha256=digest,
-    )
-    return PatchEncoder(vit, info)
+    return _patch_encoder(vit, arch, layer, block_index, spec.depth, img_size, checkpoint, layout, digest)
 
 
 def _load_generic_timm(
@@ -874,7 +860,12 @@ def _load_generic_timm(
             state["pos_embed"] = _resample_timm_pos_embed(state["pos_embed"], vit)
         _load_exact(vit, state, f"timm {model_name} (blocks 0..{block_index})")
 
-    grid = tuple(vit.patch_embed.grid_size)
+    return _patch_encoder(vit, arch, layer, block_index, depth, img_size, checkpoint, layout, digest)
+
+
+def _patch_encoder(vit: nn.Module, arch: str, layer: int | str, block_index: int, depth: int, img_size: int,
+                   checkpoint: str | Path | None, layout: str, digest: str | None) -> PatchEncoder:
+    """Wrap a truncated timm ViT; sizes (width, patch, grid, prefix tokens) are read off the model."""
     info = EncoderInfo(
         arch=arch,
         layer=layer,
@@ -883,7 +874,7 @@ def _load_generic_timm(
         embed_dim=vit.embed_dim,
         patch_size=vit.patch_embed.patch_size[0],
         img_size=img_size,
-        grid=grid,
+        grid=tuple(vit.patch_embed.grid_size),
         num_prefix_tokens=vit.num_prefix_tokens,
         checkpoint=None if checkpoint is None else str(checkpoint),
         checkpoint_format=layout,

@@ -37,3 +37,14 @@ def run_snakemake(*args, workdir, configfile, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def make_fmnist_shards(out_root, name, fmnist_dir, limit, per_shard, splits=("train", "test")):
+    """Real Fashion-MNIST shards (the first `limit` images of each split) under out_root/name."""
+    from pipeline.config import validate_config
+    from pipeline.shards import build_shards
+    cfg = validate_config({"dataset": {"name": name, "source": "fashion_mnist", "path": str(fmnist_dir),
+                                       "limit": limit, "splits": list(splits)},
+                           "shards": {"samples_per_shard": per_shard, "workers": 1}})
+    build_shards(cfg["dataset"], cfg["shards"], out_root=out_root, progress=False)
+    return Path(out_root) / name

@@ -17,8 +17,8 @@ from pipeline.data import ShardViews, ViewSpec, index_shard
 from pipeline.encoders import encoder_info, load_encoder, save_timm_encoder
 from pipeline.features import extract_features
 from pipeline.kmeans import assign_tokens, run_kmeans_stage
-from pipeline.shards import build_shards
 from pipeline.tokens import load_tokens, tokenize_shard
+from conftest import make_fmnist_shards
 
 SPEC = ViewSpec(resize=32, crop=28, image_size=28, mean=(0.5,) * 3, std=(0.5,) * 3)
 KWARGS = dict(img_size=28, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=0,
@@ -27,11 +27,7 @@ KWARGS = dict(img_size=28, patch_size=4, embed_dim=32, depth=3, num_heads=2, num
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, fmnist_dir):
-    out = tmp_path_factory.mktemp("shards")
-    cfg = validate_config({"dataset": {"name": "tk", "source": "fashion_mnist", "path": str(fmnist_dir), "limit": 120},
-                           "shards": {"samples_per_shard": 60, "workers": 1}})
-    build_shards(cfg["dataset"], cfg["shards"], out_root=out, progress=False)
-    return out / "tk"
+    return make_fmnist_shards(tmp_path_factory.mktemp("shards"), "tk", fmnist_dir, limit=120, per_shard=60)
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +117,7 @@ def test_kmeans_is_deterministic_on_the_stores(pipeline_outputs, tmp_path):
 
 
 def test_killed_features_job_leaves_nothing_accepted(tmp_path, fmnist_dir, encoder_file, repo):
-    cfg = validate_config({"dataset": {"name": "big", "source": "fashion_mnist", "path": str(fmnist_dir),
-                                       "limit": 1500, "splits": ["test"]},
-                           "shards": {"samples_per_shard": 1500, "workers": 1}})
-    build_shards(cfg["dataset"], cfg["shards"], out_root=tmp_path, progress=False)
+    make_fmnist_shards(tmp_path, "big", fmnist_dir, limit=1500, per_shard=1500, splits=["test"])
     tar, out = tmp_path / "big" / "test-000000.tar", tmp_path / "feat" / "test-000000.zarr"
     settings = json.dumps({"encoder": {"resize": 32, "crop": 28, "image_size": 28, "mean": [0.5] * 3, "std": [0.5] * 3,
                                        "batch_size": 1, "num_workers": 0, "train": {}}})

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import validate_config
 from pipeline.data import ViewSpec, crop_view, index_shard, read_image, to_tensor, view_params
 from pipeline.encoder_train import _original_size, cut_views, load_resized_images
 from pipeline.models.vqgan import VQGAN, preset
-from pipeline.shards import build_shards
+from conftest import make_fmnist_shards
 from pipeline.vq import encode_uint8, evaluate_vq, load_vq, to_model_pixels, train_vq, vq_tokenize_shard
 
 SPEC = ViewSpec(resize=32, crop=28, image_size=28, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -21,11 +20,7 @@ VQ_CFG = {"epochs": 2, "batch_size": 16, "lr": 3e-3, "seed": 0, "max_images": 16
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, fmnist_dir):
-    out = tmp_path_factory.mktemp("shards")
-    cfg = validate_config({"dataset": {"name": "vq", "source": "fashion_mnist", "path": str(fmnist_dir), "limit": 160},
-                           "shards": {"samples_per_shard": 80, "workers": 1}})
-    build_shards(cfg["dataset"], cfg["shards"], out_root=out, progress=False)
-    return out / "vq"
+    return make_fmnist_shards(tmp_path_factory.mktemp("shards"), "vq", fmnist_dir, limit=160, per_shard=80)
 
 
 @pytest.fixture(scope="module")

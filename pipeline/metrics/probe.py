@@ -52,12 +52,13 @@ def extract_features(model, tokens: np.ndarray, batch_size: int, device, progres
     """Mean-pooled hidden states of every layer: list of n_layer (N, D) float32 arrays."""
     from tqdm import tqdm
 
+    from ..encode import autocast_for
+
     n, L, D = len(tokens), model.config.n_layer, model.config.n_embd
     feats = [np.zeros((n, D), dtype=np.float32) for _ in range(L)]
-    amp = device.type == "cuda"
     for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, file=sys.stderr):
         x = torch.from_numpy(tokens[s:s + batch_size]).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with autocast_for(device):  # bf16 on GPU, fp32 on CPU
             hs = model.features(x, labels=None)  # null class / BOS
         for l, hid in enumerate(hs):
             feats[l][s:s + len(x)] = hid.float().mean(dim=1).cpu().numpy()

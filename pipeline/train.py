@@ -74,33 +74,45 @@ def _mix(*ints: int) -> int:
     return int(h[0])
 
 
-class TokenDataset:
-    """All token shards as one indexable set of N images x V views (memory-mapped)."""
+def _open_token_files(files: list[str]) -> tuple[list[np.ndarray], list[dict], tuple[int, int], int]:
+    """Memory-map (N, V, h, w) token shards; check their grids and codebooks agree."""
+    arrays, metas, grid0, k0 = [], [], None, None
+    for f in files:
+        arr = np.load(f, mmap_mode="r")
+        meta = json.loads(Path(f).with_suffix(".json").read_text())
+        if arr.ndim != 4:
+            raise ValueError(f"{f}: expected (N, V, h, w) tokens, got shape {arr.shape}")
+        grid = tuple(int(g) for g in meta["grid"])
+        if tuple(arr.shape[2:]) != grid:
+            raise ValueError(f"{f}: grid {arr.shape[2:]} != metadata grid {grid}")
+        if grid0 is None:
+            grid0, k0 = grid, int(meta["codebook_size"])
+        elif grid != grid0 or int(meta["codebook_size"]) != k0:
+            raise ValueError(f"{f}: grid/codebook {grid}/{meta['codebook_size']} differ from "
+                             f"{grid0}/{k0} of {files[0]}")
+        arrays.append(arr)
+        metas.append(meta)
+    return arrays, metas, grid0, k0
 
-    def __init__(self, token_files: list[str], seed: int = 0):
+
+class TokenDataset:
+    """All token shards as one indexable set of N images x V views (memory-mapped).
+
+    With ``context_files`` (stage 2) every token shard has a partner holding the DiGIT tokens of
+    the same images and views (same keys, same crops); a batch then also returns the partner's
+    grids for the same (image, view) pairs."""
+
+    def __init__(self, token_files: list[str], seed: int = 0, context_files: list[str] | None = None):
         if not token_files:
             raise ValueError("no token files given")
         self.files = [str(f) for f in token_files]
         self.seed = int(seed)
-        self.arrays, labels, sizes = [], [], []
-        self.codebook_size = self.grid = None
-        for f in self.files:
-            arr = np.load(f, mmap_mode="r")
-            meta = json.loads(Path(f).with_suffix(".json").read_text())
-            if arr.ndim != 4:
-                raise ValueError(f"{f}: expected (N, V, h, w) tokens, got shape {arr.shape}")
-            grid = tuple(int(g) for g in meta["grid"])
-            if tuple(arr.shape[2:]) != grid:
-                raise ValueError(f"{f}: grid {arr.shape[2:]} != metadata grid {grid}")
-            if self.grid is None:
-                self.grid, self.codebook_size = grid, int(meta["codebook_size"])
-            elif grid != self.grid or int(meta["codebook_size"]) != self.codebook_size:
-                raise ValueError(f"{f}: grid/codebook {grid}/{meta['codebook_size']} differ from "
-                                 f"{self.grid}/{self.codebook_size} of {self.files[0]}")
+        self.arrays, metas, self.grid, self.codebook_size = _open_token_files(self.files)
+        labels, sizes = [], []
+        for f, arr, meta in zip(self.files, self.arrays, metas):
             lab = np.asarray(meta.get("labels", [0] * arr.shape[0]), dtype=np.int64)
             if len(lab) != arr.shape[0]:
                 raise ValueError(f"{f}: {len(lab)} labels for {arr.shape[0]} images")
-            self.arrays.append(arr)
             labels.append(lab)
             sizes.append(arr.shape[0])
         self.labels = np.concatenate(labels)
@@ -108,7 +120,25 @@ class TokenDataset:
         self.n = int(self.offsets[-1])
         if self.n == 0:
             raise ValueError("token files hold no images")
+        self.context_files = [str(f) for f in context_files] if context_files else None
+        self.context_arrays = None
+        if self.context_files:
+            self._open_context(metas)
         self._perm_cache: tuple[int, np.ndarray] | None = None
+
+    def _open_context(self, metas: list[dict]) -> None:
+        if len(self.context_files) != len(self.files):
+            raise ValueError(f"{len(self.context_files)} context files for {len(self.files)} token files")
+        arrays, cmetas, self.context_grid, self.context_codebook_size = _open_token_files(self.context_files)
+        for f, cf, arr, carr, meta, cmeta in zip(self.files, self.context_files, self.arrays, arrays, metas, cmetas):
+            if carr.shape[:2] != arr.shape[:2]:
+                raise ValueError(f"{cf}: {carr.shape[0]} images x {carr.shape[1]} views, but its partner {f} "
+                                 f"has {arr.shape[0]} x {arr.shape[1]}")
+            if "keys" in meta and "keys" in cmeta and list(meta["keys"]) != list(cmeta["keys"]):
+                raise ValueError(f"{cf} and {f} list different image keys: they must come from the same shard")
+            if "crops" in meta and "crops" in cmeta and meta["crops"] != cmeta["crops"]:
+                raise ValueError(f"{cf} and {f} hold different crops: tokenize both from the same views")
+        self.context_arrays = arrays
 
     def __len__(self) -> int:
         return self.n
@@ -130,9 +160,11 @@ class TokenDataset:
         base = np.uint64(_mix(self.seed, epoch))
         return _splitmix64(np.asarray(idx, dtype=np.uint64) ^ base)
 
-    def next_batch(self, pos: tuple[int, int], size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    def next_batch(self, pos: tuple[int, int], size: int, with_context: bool = False):
         """The next ``size`` samples of the stream from position (epoch, index):
-        tokens (size, h*w) int64, labels (size,) int64, and the position after them."""
+        tokens (size, h*w) int64, labels (size,) int64, and the position after them; with
+        ``with_context`` also the context tokens (size, h'*w') of the same images and views,
+        returned as (tokens, context, labels, position)."""
         epoch, i = pos
         parts = []
         need = size
@@ -144,20 +176,27 @@ class TokenDataset:
             i += take
             if i == self.n:
                 epoch, i = epoch + 1, 0
-        toks, labs = [], []
-        for ep, idx in parts:
-            h = self.view_of(ep, idx)
-            f = np.searchsorted(self.offsets, idx, side="right") - 1
-            out = np.empty((len(idx),) + self.grid, dtype=np.int64)
-            for k in np.unique(f):
-                sel = np.nonzero(f == k)[0]
-                arr = self.arrays[k]
-                local = idx[sel] - self.offsets[k]
-                views = (h[sel] % np.uint64(arr.shape[1])).astype(np.int64)
-                out[sel] = arr[local, views]
-            toks.append(out.reshape(len(idx), -1))
-            labs.append(self.labels[idx])
-        return np.concatenate(toks), np.concatenate(labs), (epoch, i)
+        toks = np.concatenate([self._gather(self.arrays, self.grid, ep, idx) for ep, idx in parts])
+        labs = np.concatenate([self.labels[idx] for _, idx in parts])
+        if not with_context:
+            return toks, labs, (epoch, i)
+        if self.context_arrays is None:
+            raise ValueError("this dataset has no context files")
+        ctx = np.concatenate([self._gather(self.context_arrays, self.context_grid, ep, idx) for ep, idx in parts])
+        return toks, ctx, labs, (epoch, i)
+
+    def _gather(self, arrays: list[np.ndarray], grid: tuple[int, int], epoch: int, idx: np.ndarray) -> np.ndarray:
+        """(len(idx), h*w) int64 grids of images ``idx`` at the views that epoch assigns them."""
+        h = self.view_of(epoch, idx)
+        f = np.searchsorted(self.offsets, idx, side="right") - 1
+        out = np.empty((len(idx),) + grid, dtype=np.int64)
+        for k in np.unique(f):
+            sel = np.nonzero(f == k)[0]
+            arr = arrays[k]
+            local = idx[sel] - self.offsets[k]
+            views = (h[sel] % np.uint64(arr.shape[1])).astype(np.int64)
+            out[sel] = arr[local, views]
+        return out.reshape(len(idx), -1)
 
 
 # -- schedule, optimizer, EMA -----------------------------------------------------------------------
@@ -293,12 +332,16 @@ class _Logger:
 # -- training ---------------------------------------------------------------------------------------
 
 def train_stage1(train_cfg: dict, token_files: list[str], out_dir: str, *, max_steps: int | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, context_files: list[str] | None = None) -> dict:
     """Train (or resume) the stage-1 GPT; see the module docstring. Returns the summary dict that
-    is also written to ``out_dir/train.json`` when all steps are done."""
+    is also written to ``out_dir/train.json`` when all steps are done.
+
+    With ``context_files`` (one DiGIT token shard per token shard, same images and views) this
+    trains stage 2: the GPT predicts the ``token_files`` grids (VQ tokens) after the context grid."""
     cfg = _norm_cfg(train_cfg)
     out = Path(out_dir)
     token_files = [str(f) for f in token_files]
+    context_files = [str(f) for f in context_files] if context_files else None
 
     # -- processes and device
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -318,14 +361,18 @@ def train_stage1(train_cfg: dict, token_files: list[str], out_dir: str, *, max_s
         rank, device = 0, resolve_device(cfg.get("device", "auto"))
     master = rank == 0
     try:
-        return _train(cfg, token_files, out, device, rank, world, master, max_steps, progress)
+        return _train(cfg, token_files, context_files, out, device, rank, world, master, max_steps, progress)
     finally:
         if own_group:
             import torch.distributed as dist
             dist.destroy_process_group()
 
 
-def _train(cfg, token_files, out: Path, device, rank, world, master, max_steps, progress) -> dict:
+def _file_ids(files: list[str]) -> list[dict]:
+    return [{"path": f, "size": os.path.getsize(f), "sha256": file_sha256(f)} for f in files]
+
+
+def _train(cfg, token_files, context_files, out: Path, device, rank, world, master, max_steps, progress) -> dict:
     ddp = world > 1
     if ddp:
         import torch.distributed as dist
@@ -336,13 +383,15 @@ def _train(cfg, token_files, out: Path, device, rank, world, master, max_steps, 
     micro = B // accum                      # rows of the global batch per micro-step (all ranks)
     seed = int(cfg["seed"])
 
-    data = TokenDataset(token_files, seed=seed)
-    file_ids = [{"path": f, "size": os.path.getsize(f), "sha256": file_sha256(f)} for f in token_files]
+    data = TokenDataset(token_files, seed=seed, context_files=context_files)
+    file_ids = _file_ids(token_files) + (_file_ids(context_files) if context_files else [])
     num_classes = data.num_classes if cfg["conditional"] else 0
     overrides = {**cfg.get("model", {}), "vocab_size": data.codebook_size, "grid": data.grid,
                  "num_classes": num_classes, "class_dropout": float(cfg["class_dropout"])}
+    if context_files:
+        overrides.update(context_vocab_size=data.context_codebook_size, context_grid=data.context_grid)
     mconf = GPTConfig.preset(cfg["preset"], **overrides)
-    T = mconf.block_size
+    T = mconf.context_len + mconf.block_size   # positions per sequence (stage 2: context + VQ grid)
 
     torch.manual_seed(seed)
     raw = GPT(mconf).to(device)
@@ -398,7 +447,7 @@ def _train(cfg, token_files, out: Path, device, rank, world, master, max_steps, 
     def save(path: Path) -> None:
         ck = {
             "format": CKPT_FORMAT,
-            "model_config": {**asdict(mconf), "grid": list(mconf.grid)},
+            "model_config": _model_config_dict(mconf),
             "model": raw.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
@@ -430,16 +479,20 @@ def _train(cfg, token_files, out: Path, device, rank, world, master, max_steps, 
     try:
         while step < stop_at:
             torch.manual_seed(_mix(seed, step, rank) & ((1 << 63) - 1))
-            toks, labs, pos_next = data.next_batch(pos, B)
+            if context_files:
+                toks, ctx, labs, pos_next = data.next_batch(pos, B, with_context=True)
+            else:
+                (toks, labs, pos_next), ctx = data.next_batch(pos, B), None
             loss_sum = torch.zeros((), device=device)
             for m in range(accum):
                 sl = slice(m * micro + rank, (m + 1) * micro, world)
                 x = torch.from_numpy(toks[sl]).to(device, non_blocking=True)
                 y = torch.from_numpy(labs[sl]).to(device, non_blocking=True) if num_classes else None
+                c = torch.from_numpy(ctx[sl]).to(device, non_blocking=True) if ctx is not None else None
                 sync = nullcontext() if (not ddp or m == accum - 1) else model.no_sync()
                 with sync:
                     with autocast_for(device, cfg.get("precision", "auto")):
-                        _, loss = model(x, labels=y, targets=x, label_smoothing=ls)
+                        _, loss = model(x, labels=y, targets=x, label_smoothing=ls, context=c)
                     if inject is not None and step + 1 == inject:
                         loss = loss * float("nan")
                     (loss / accum).backward()
@@ -493,7 +546,8 @@ def _train(cfg, token_files, out: Path, device, rank, world, master, max_steps, 
     summary = {"params": n_params, "final_loss": last_loss, "steps": step, "total_steps": total_steps,
                "finished": step >= total_steps, "time_s": elapsed,
                "tokens_per_s": step * B * T / max(elapsed, 1e-9), "checkpoint": str(last),
-               "model_config": {**asdict(mconf), "grid": list(mconf.grid)}, "world_size": world}
+               "model_config": _model_config_dict(mconf), "world_size": world,
+               "stage": "stage2" if context_files else "stage1"}
     if last_loss is None and last.exists():   # nothing to do (already finished): report the last logged loss
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()] \
             if (out / "metrics.jsonl").exists() else []
@@ -511,6 +565,10 @@ def _train(cfg, token_files, out: Path, device, rank, world, master, max_steps, 
     return summary
 
 
+def _model_config_dict(mconf: GPTConfig) -> dict:
+    return {**asdict(mconf), "grid": list(mconf.grid), "context_grid": list(mconf.context_grid)}
+
+
 # -- loading ----------------------------------------------------------------------------------------
 
 def load_model(checkpoint: str, ema: bool = True, device: str = "cpu") -> tuple[GPT, dict]:
@@ -520,14 +578,16 @@ def load_model(checkpoint: str, ema: bool = True, device: str = "cpu") -> tuple[
         raise ValueError(f"{checkpoint}: not a stage-1 checkpoint (format {ck.get('format')!r})")
     mc = dict(ck["model_config"])
     mc["grid"] = tuple(mc["grid"])
+    mc["context_grid"] = tuple(mc.get("context_grid", (0, 0)))
     model = GPT(GPTConfig(**mc))
     use_ema = bool(ema and ck.get("ema") is not None)
     state = ck["ema"] if use_ema else ck["model"]
     model.load_state_dict(state)
     model.to(device).eval().requires_grad_(False)
-    meta = {"step": ck["step"], "train_cfg": ck["train_cfg"], "model_config": ck["model_config"],
+    meta = {"step": ck["step"], "train_cfg": ck["train_cfg"], "model_config": _model_config_dict(model.config),
             "sha256": file_sha256(checkpoint), "num_classes": mc["num_classes"],
             "vocab_size": mc["vocab_size"], "grid": list(mc["grid"]), "ema": use_ema,
+            "context_vocab_size": mc.get("context_vocab_size", 0), "context_grid": list(mc["context_grid"]),
             "weights": "ema" if use_ema else "model",
             "num_params": ck.get("num_params"), "token_files": ck.get("token_files")}
     return model, meta

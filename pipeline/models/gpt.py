@@ -19,6 +19,16 @@ biases zero.
 
 Incremental decoding: ``new_cache`` -> ``prefill`` (the condition position) -> ``decode_step``
 (one token at a time). It gives the same logits as ``forward`` on the whole prefix.
+
+Stage 2 (DiGIT step 6) is the same model with a *context*: a second token grid (the DiGIT tokens,
+``context_vocab_size`` codes, ``context_grid``) with its own embedding table, placed between the
+condition and the predicted grid (the VQ tokens). Outputs are read only at the positions that
+predict the VQ grid, so the loss covers the VQ part only:
+
+    input  = [cond, c_0, ..., c_{C-1}, x_0, ..., x_{T-2}]
+    output =                 logits for x_0, ..., x_{T-1}   (read at positions C .. C+T-1)
+
+``prefill`` then writes the condition and the whole context into the KV cache at once.
 """
 from __future__ import annotations
 
@@ -50,15 +60,24 @@ class GPTConfig:
     num_classes: int = 0              # 0 = unconditional (BOS); else class-conditional
     class_dropout: float = 0.1        # label dropout probability (training only, for CFG)
     bias: bool = False                # bias in Linear and LayerNorm
+    context_vocab_size: int = 0       # stage 2: codebook of the context grid (0 = no context)
+    context_grid: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
+        self.context_grid = tuple(int(g) for g in self.context_grid)
+        if (self.context_vocab_size > 0) != (self.context_len > 0):
+            raise ValueError("a context needs both context_vocab_size and context_grid")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} not divisible by n_head {self.n_head}")
 
     @property
     def block_size(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    @property
+    def context_len(self) -> int:
+        return self.context_grid[0] * self.context_grid[1]
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -145,7 +164,10 @@ class GPT(nn.Module):
         self.config = config
         D = config.n_embd
         self.tok_emb = nn.Embedding(config.vocab_size, D)
-        self.pos_emb = nn.Embedding(config.block_size + 1, D)  # row 0: condition; t+1: grid pos t
+        # row 0: condition; then one row per context position, then one per grid position
+        self.pos_emb = nn.Embedding(config.context_len + config.block_size + 1, D)
+        if config.context_len:
+            self.ctx_emb = nn.Embedding(config.context_vocab_size, D)
         if config.num_classes > 0:
             self.class_emb = nn.Embedding(config.num_classes + 1, D)  # last row: null class
         else:
@@ -182,13 +204,16 @@ class GPT(nn.Module):
         if non_embedding:
             n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel() + self.head.weight.numel()
             n -= self.class_emb.weight.numel() if self.config.num_classes else self.bos.numel()
+            n -= self.ctx_emb.weight.numel() if self.config.context_len else 0
         return n
 
     def extra_repr(self) -> str:
         c = self.config
         cond = f"{c.num_classes} classes (+null), label dropout {c.class_dropout}" \
             if c.num_classes else "unconditional (BOS)"
-        return (f"params={self.num_params() / 1e6:.1f}M, K={c.vocab_size}, grid={c.grid[0]}x{c.grid[1]}, "
+        ctx = f", context {c.context_grid[0]}x{c.context_grid[1]} of K={c.context_vocab_size}" \
+            if c.context_len else ""
+        return (f"params={self.num_params() / 1e6:.1f}M, K={c.vocab_size}, grid={c.grid[0]}x{c.grid[1]}{ctx}, "
                 f"{c.n_layer}L x {c.n_head}H x {c.n_embd}d, {cond}")
 
     # -- embeddings --------------------------------------------------------------------------------
@@ -208,52 +233,66 @@ class GPT(nn.Module):
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         return self.class_emb(labels).unsqueeze(1)
 
-    def _embed(self, prefix: torch.Tensor, labels, start: int = 0) -> torch.Tensor:
-        """[cond] + prefix -> (B, 1 + L, D) with positions start.. added."""
+    def _head_embedding(self, labels, context, batch_size: int) -> torch.Tensor:
+        """(B, 1 + C, D): the condition, then the context tokens (stage 2)."""
+        cond = self.cond_embedding(labels, batch_size)
+        C = self.config.context_len
+        if C == 0:
+            if context is not None:
+                raise ValueError("this model takes no context")
+            return cond
+        if context is None or tuple(context.shape) != (batch_size, C):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"this model needs a context of shape ({batch_size}, {C}), got {got}")
+        return torch.cat([cond, self.ctx_emb(context)], dim=1)
+
+    def _embed(self, prefix: torch.Tensor, labels, context=None) -> torch.Tensor:
+        """[cond, context] + prefix -> (B, 1 + C + L, D) with position embeddings added."""
         B, L = prefix.shape
-        x = torch.cat([self.cond_embedding(labels, B), self.tok_emb(prefix)], dim=1)
-        pos = torch.arange(start, start + L + 1, device=x.device)
+        x = torch.cat([self._head_embedding(labels, context, B), self.tok_emb(prefix)], dim=1)
+        pos = torch.arange(x.shape[1], device=x.device)
         return self.drop(x + self.pos_emb(pos))
 
     # -- full sequence -----------------------------------------------------------------------------
 
-    def forward(self, tokens, labels=None, targets=None, label_smoothing: float = 0.0):
+    def forward(self, tokens, labels=None, targets=None, label_smoothing: float = 0.0, context=None):
         """tokens (B, T) long -> logits (B, T, V) where logits[:, t] predicts tokens[:, t] from
-        the condition and tokens[:, :t]. loss: cross-entropy against ``targets`` (usually the
-        tokens themselves), or None."""
+        the condition, the context (stage 2) and tokens[:, :t]. loss: cross-entropy against
+        ``targets`` (usually the tokens themselves), or None."""
         B, T = tokens.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens > block size {self.config.block_size}")
-        x = self._embed(tokens[:, :-1], labels)
+        x = self._embed(tokens[:, :-1], labels, context)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x[:, self.config.context_len:]))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    label_smoothing=label_smoothing)
         return logits, loss
 
-    def next_logits(self, prefix: torch.Tensor, labels=None) -> torch.Tensor:
+    def next_logits(self, prefix: torch.Tensor, labels=None, context=None) -> torch.Tensor:
         """Logits (B, V) for the token after ``prefix`` (B, t), recomputing everything (no cache)."""
-        x = self._embed(prefix, labels)
+        x = self._embed(prefix, labels, context)
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x[:, -1]))
 
     @torch.no_grad()
-    def features(self, tokens, labels=None, layer: int | None = None):
+    def features(self, tokens, labels=None, layer: int | None = None, context=None):
         """Hidden states for linear probing: the output of every block (before ``ln_f``), at the
         T token positions only (the condition position is dropped), so that state t has seen the
         condition and tokens[:, :t+1] (all T tokens are fed). Returns a list of n_layer (B, T, D)
         tensors, or the single (B, T, D) tensor of block ``layer`` (0-based; later blocks are not
         computed)."""
-        x = self._embed(tokens, labels)
+        x = self._embed(tokens, labels, context)
         out = []
         last = self.config.n_layer - 1 if layer is None else layer
+        first = 1 + self.config.context_len
         for block in self.blocks[:last + 1]:
             x = block(x)
-            out.append(x[:, 1:])
+            out.append(x[:, first:])
         return out if layer is None else out[-1]
 
     # -- incremental decoding ----------------------------------------------------------------------
@@ -261,7 +300,7 @@ class GPT(nn.Module):
     def new_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
         c = self.config
         w = self.head.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
+        return KVCache(c.n_layer, batch_size, c.n_head, c.context_len + c.block_size, c.n_embd // c.n_head,
                        device=device or w.device, dtype=dtype or w.dtype)
 
     def _step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -274,11 +313,11 @@ class GPT(nn.Module):
         cache.pos += L
         return self.head(self.ln_f(x[:, -1]))
 
-    def prefill(self, labels, cache: KVCache) -> torch.Tensor:
-        """Write the condition position into an empty cache; logits (B, V) for token 0."""
+    def prefill(self, labels, cache: KVCache, context=None) -> torch.Tensor:
+        """Write the condition (and the context) into an empty cache; logits (B, V) for token 0."""
         if cache.pos != 0:
             raise ValueError("prefill needs an empty cache")
-        return self._step(self.cond_embedding(labels, cache.k.shape[1]), cache)
+        return self._step(self._head_embedding(labels, context, cache.k.shape[1]), cache)
 
     def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed token (B,) at the next position; logits (B, V) for the token after it."""

@@ -56,7 +56,7 @@ def pick(logits, generators, temperature=1.0, top_k=None, top_p=None) -> torch.T
 
 
 @torch.inference_mode()
-def _sample_batch(model: GPT, labels, generators, temperature, top_k, top_p, cfg_scale, use_cache):
+def _sample_batch(model: GPT, labels, generators, temperature, top_k, top_p, cfg_scale, use_cache, context=None):
     B, T = len(generators), model.config.block_size
     device = model.head.weight.device
     guided = cfg_scale != 1.0
@@ -65,6 +65,8 @@ def _sample_batch(model: GPT, labels, generators, temperature, top_k, top_p, cfg
             raise ValueError("classifier-free guidance needs a class-conditional model")
         null = torch.full((B,), model.null_class, dtype=torch.long, device=device)
         labels = torch.cat([labels, null])
+        if context is not None:
+            context = torch.cat([context, context])
 
     def mix(logits):
         if not guided:
@@ -77,25 +79,26 @@ def _sample_batch(model: GPT, labels, generators, temperature, top_k, top_p, cfg
     for t in range(T):
         if use_cache:
             if t == 0:
-                logits = model.prefill(labels, cache)
+                logits = model.prefill(labels, cache, context)
             else:
                 prev = x[:, t - 1]
                 logits = model.decode_step(torch.cat([prev, prev]) if guided else prev, cache)
         else:
             prefix = x[:, :t]
-            logits = model.next_logits(torch.cat([prefix, prefix]) if guided else prefix, labels)
+            logits = model.next_logits(torch.cat([prefix, prefix]) if guided else prefix, labels, context)
         x[:, t] = pick(mix(logits), generators, temperature, top_k, top_p)
     return x
 
 
 def sample(model: GPT, n: int, labels=None, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, cfg_scale: float = 1.0, seeds=None, use_cache: bool = True,
-           batch_size: int = 64) -> torch.LongTensor:
+           batch_size: int = 64, context=None) -> torch.LongTensor:
     """Draw n token grids (n, h*w) from ``model`` (put in eval mode for the call).
 
     labels: (n,) class ids for a class-conditional model (None = null class / unconditional).
     seeds: one int per sample (default 0..n-1); sample i depends only on seeds[i] and labels[i].
     use_cache=False recomputes the whole prefix every step (the baseline for bench/sampling.py).
+    context: (n, C) context tokens of a stage-2 model (the DiGIT grids), prefilled into the KV cache.
     """
     device = model.head.weight.device
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
@@ -109,6 +112,8 @@ def sample(model: GPT, n: int, labels=None, temperature: float = 1.0, top_k: int
             raise ValueError(f"{labels.numel()} labels for {n} samples")
     elif cfg_scale != 1.0:
         raise ValueError("classifier-free guidance needs labels")
+    if context is not None:
+        context = torch.as_tensor(context, dtype=torch.long, device=device).reshape(n, -1)
     was_training = model.training
     model.eval()
     try:
@@ -116,7 +121,8 @@ def sample(model: GPT, n: int, labels=None, temperature: float = 1.0, top_k: int
         for i in range(0, n, batch_size):
             gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[i:i + batch_size]]
             lab = None if labels is None else labels[i:i + batch_size]
-            out.append(_sample_batch(model, lab, gens, temperature, top_k, top_p, cfg_scale, use_cache))
+            ctx = None if context is None else context[i:i + batch_size]
+            out.append(_sample_batch(model, lab, gens, temperature, top_k, top_p, cfg_scale, use_cache, ctx))
         return torch.cat(out)
     finally:
         model.train(was_training)

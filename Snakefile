@@ -21,6 +21,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/shards.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/stage1.smk"
+include: "workflow/rules/render.smk"
 
 
 rule all:

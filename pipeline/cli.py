@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -174,12 +175,57 @@ def cmd_tokens(args) -> int:
     return 0
 
 
+def cmd_train_vq(args) -> int:
+    from .vq import train_vq
+    config = resolve_config(args)
+    _set_threads(args)
+    vq = config["vq"]
+    if vq["train"] is None:
+        raise ConfigError("config key 'vq.train' is null: nothing to train (real runs use vq.checkpoint)")
+    train_cfg = {k: v for k, v in vq["train"].items() if k not in ("max_shards", "min_test_psnr")}
+    meta = train_vq(args.train, args.test, args.out, _view_spec(config),
+                    {"preset": vq["preset"], "model": vq["model"], **train_cfg}, progress=not args.quiet)
+    floor = vq["train"]["min_test_psnr"]
+    if floor is not None and meta["test_psnr"] < floor:
+        print(f"error: VQ test PSNR {meta['test_psnr']:.2f} dB < vq.train.min_test_psnr {floor}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_vq_tokens(args) -> int:
+    from .vq import load_configured_vq, vq_tokenize_shard
+    config = resolve_config(args)
+    _set_threads(args)
+    from .encode import resolve_device
+    model, _, path = load_configured_vq(config["vq"], args.vq)
+    model.to(resolve_device(config["vq"]["device"]))
+    vq_tokenize_shard(args.shard, args.digit_tokens, args.out, model, _view_spec(config),
+                      batch_size=config["vq"]["batch_size"], progress=not args.quiet, vq_checkpoint=path)
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train import train_stage1
     config = resolve_config(args)
     _set_threads(args)
-    train_stage1(config["train"], sorted(args.tokens), args.out_dir, max_steps=args.max_steps,
-                 progress=not args.quiet)
+    section = config["stage2"]["train"] if args.context else config["train"]
+    if args.context and len(args.context) != len(args.tokens):
+        raise ConfigError(f"--context needs one DiGIT token shard per --tokens shard "
+                          f"({len(args.context)} vs {len(args.tokens)})")
+    # pair shards by name: the same shard's VQ tokens and DiGIT tokens
+    tokens = sorted(args.tokens, key=lambda p: os.path.basename(p))
+    context = sorted(args.context, key=lambda p: os.path.basename(p)) if args.context else None
+    train_stage1(section, tokens, args.out_dir, max_steps=args.max_steps, progress=not args.quiet,
+                 context_files=context)
+    return 0
+
+
+def cmd_render(args) -> int:
+    from .sample import render_stage
+    config = resolve_config(args)
+    _set_threads(args)
+    render_stage(args.samples, args.vq, args.out_dir, config["stage2"]["sample"], stage2_checkpoint=args.stage2,
+                 device=config["stage2"]["train"]["device"], progress=not args.quiet)
     return 0
 
 
@@ -278,10 +324,48 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train ...` it runs DDP with the same global batch.")
     _add_config_args(p)
     p.add_argument("--tokens", nargs="+", required=True, help="token shards (.npy with .json sidecars)")
+    p.add_argument("--context", nargs="+",
+                   help="stage 2: the DiGIT token shards of the same images (one per --tokens shard, paired by "
+                        "file name); uses the stage2.train settings")
     p.add_argument("--out-dir", required=True, help="checkpoint folder (last.pt, final.pt, metrics.jsonl/csv)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps in total (resume later)")
     _add_torch_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-vq", help="train the tiny VQGAN tokenizer on the train shards (real runs load one)",
+                       description="Trains the configured VQGAN (vq.preset + vq.model) with reconstruction + VQ "
+                                   "losses on crop-sized views; test PSNR goes into the checkpoint and a .json "
+                                   "sidecar. Fails below vq.train.min_test_psnr.")
+    _add_config_args(p)
+    p.add_argument("--train", nargs="+", required=True, help="training shards (.tar)")
+    p.add_argument("--test", nargs="+", required=True, help="held-out shards (.tar) for the PSNR")
+    p.add_argument("--out", required=True, help="output VQ file (.pt)")
+    _add_torch_args(p)
+    p.set_defaults(func=cmd_train_vq)
+
+    p = sub.add_parser("vq-tokens", help="VQ token grids of one shard, for the same crops as its DiGIT tokens",
+                       description="Reads the crops recorded in the DiGIT token shard's .json and writes VQ token "
+                                   "grids (N, V, h, w) for exactly those views, so the two streams line up.")
+    _add_config_args(p)
+    p.add_argument("--shard", required=True, help="input shard (.tar)")
+    p.add_argument("--digit-tokens", required=True, help="the shard's DiGIT token .json (crops, keys)")
+    p.add_argument("--vq", help="VQ checkpoint (default: vq.checkpoint from the config)")
+    p.add_argument("--out", required=True, help="output VQ token grids (.npy); the .json goes next to it")
+    _add_torch_args(p)
+    p.set_defaults(func=cmd_vq_tokens)
+
+    p = sub.add_parser("render", help="token samples -> images (stage 2 + VQ decoder, or VQ decoder alone)",
+                       description="With --stage2, the sample folder holds DiGIT token grids: stage 2 draws the VQ "
+                                   "grid of each (top-p from stage2.sample, resumable parts), the VQGAN decodes it. "
+                                   "Without, the grids are VQ tokens (the baseline) and are decoded directly. "
+                                   "Writes images.npz (uint8 (n, H, W, 3) + labels), grid.png, images.json.")
+    _add_config_args(p)
+    p.add_argument("--samples", required=True, help="sample folder (tokens.npy, labels.npy, samples.json)")
+    p.add_argument("--vq", required=True, help="VQ checkpoint that decodes")
+    p.add_argument("--stage2", help="stage-2 checkpoint (DiGIT tokens -> VQ tokens)")
+    p.add_argument("--out-dir", help="output folder (default: the sample folder)")
+    _add_torch_args(p)
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("sample", help="sample token grids from a stage-1 checkpoint (resumable, seeded per sample)",
                        description="Writes OUT_DIR/tokens.npy, labels.npy and samples.json. Sample i is seeded "

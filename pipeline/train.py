@@ -47,7 +47,7 @@ from .models.gpt import GPT, GPTConfig
 CKPT_FORMAT = "digit-stage1-v1"
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "tokens_per_s", "grad_norm", "elapsed", "mfu"]
 # keys of train_cfg that may change between an interrupted run and its resumption
-RESUME_FREE_KEYS = ("steps", "log_every", "checkpoint_every")
+RESUME_FREE_KEYS = ("steps", "log_every", "checkpoint_every", "device", "processes")
 # dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
              "A10G": 70e12, "RTX 4090": 165e12, "RTX 3090": 71e12}

@@ -25,6 +25,6 @@ def all_targets(wildcards):
     return [
         f"shards/{DATASET}/manifest.parquet",
         *token_targets(),
-        f"results/{RUN}/samples/digit/samples.json",
-        f"results/{RUN}/probe/digit.json",
+        *[f"results/{RUN}/samples/{model}/images.npz" for model in ("digit", "vq")],
+        *[f"results/{RUN}/probe/{model}.json" for model in ("digit", "vq")],
     ]

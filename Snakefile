@@ -22,6 +22,7 @@ include: "workflow/rules/shards.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/stage1.smk"
 include: "workflow/rules/render.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

@@ -247,6 +247,49 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_reference(args) -> int:
+    from .evaluate import reference_stage
+    config = resolve_config(args)
+    _set_threads(args)
+    reference_stage(config, args.shards, args.out_dir, progress=not args.quiet)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .evaluate import score_stage
+    config = resolve_config(args)
+    _set_threads(args)
+    score_stage(config, args.images, args.reference, args.out, progress=not args.quiet)
+    return 0
+
+
+def cmd_stability(args) -> int:
+    from .metrics.stability import stability_stage
+    config = resolve_config(args)
+    _set_threads(args)
+    ev = config["evaluate"]
+    stability_stage(config, args.encoder, args.centroids, args.vq, args.shards, args.out,
+                    n_images=ev["stability_images"], seed=ev["seed"], snrs=ev["stability_snrs"],
+                    batch_size=config["encoder"]["batch_size"], progress=not args.quiet)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .evaluate import metrics_stage
+    from .report import write_report
+    config = resolve_config(args)
+    inputs = {}
+    for item in args.input:
+        if "=" not in item:
+            raise ConfigError(f"--input '{item}' must look like NAME=PATH")
+        name, path = item.split("=", 1)
+        inputs[name] = path
+    metrics_stage(config, inputs, args.metrics)
+    write_report(args.metrics, args.html)
+    print(f"[report] {args.metrics}, {args.html}", file=sys.stderr)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspect import format_summary, summarise
     summary = summarise(args.path)
@@ -386,6 +429,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output probe.json")
     _add_torch_args(p)
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("reference", help="Inception features + statistics of the real reference images (FID, P/R)",
+                       description="View-0 crops of the first evaluate.n_reference images of the given shards -> "
+                                   "OUT_DIR/stats.npz (mu, sigma), features.npy and reference.json (provenance).")
+    _add_config_args(p)
+    p.add_argument("--shards", nargs="+", required=True, help="shards of evaluate.reference_split (.tar)")
+    p.add_argument("--out-dir", required=True)
+    _add_torch_args(p)
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("score", help="FID (IS with logits) and precision/recall of one sample set",
+                       description="Scores images.npz against the reference folder (or evaluate.reference_stats "
+                                   "for FID); writes a JSON with the figures and their provenance.")
+    _add_config_args(p)
+    p.add_argument("--images", required=True, help="images.npz from the render stage")
+    p.add_argument("--reference", required=True, help="folder written by the reference command")
+    p.add_argument("--out", required=True, help="output .json")
+    _add_torch_args(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("stability", help="token-stability table (paper Table 1): DiGIT vs VQ tokens under noise",
+                       description="Token change rate and cosine similarity of token embeddings when Gaussian noise "
+                                   "at evaluate.stability_snrs dB is added to the images.")
+    _add_config_args(p)
+    p.add_argument("--shards", nargs="+", required=True, help="shards whose first images are used (.tar)")
+    p.add_argument("--encoder", help="encoder weights (default: encoder.checkpoint)")
+    p.add_argument("--centroids", required=True)
+    p.add_argument("--vq", required=True, help="VQ checkpoint")
+    p.add_argument("--out", required=True, help="output .json")
+    _add_torch_args(p)
+    p.set_defaults(func=cmd_stability)
+
+    p = sub.add_parser("report", help="gather every figure into metrics.json and render report.html",
+                       description="Reads the artifacts named by --input NAME=PATH (score_digit, score_vq, "
+                                   "samples_digit, samples_vq, probe_digit, probe_vq, train_digit, train_vq, "
+                                   "train_stage2, stability, vq, encoder), validates metrics.json against "
+                                   "workflow/schemas/metrics.schema.yaml and writes report.html.")
+    _add_config_args(p)
+    p.add_argument("--input", action="append", required=True, metavar="NAME=PATH")
+    p.add_argument("--metrics", required=True, help="output metrics.json")
+    p.add_argument("--html", required=True, help="output report.html")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("inspect", help="summarise an artifact (shard, manifest, dataset folder, sidecar, ...)")
     p.add_argument("path")

@@ -127,6 +127,25 @@ def encoder_input(views_uint8: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
     return (x - mean) / std
 
 
+def centre_views(tar_paths: list, spec: "ViewSpec", n_images: int) -> tuple[torch.Tensor, list[dict]]:
+    """uint8 (N,3,crop,crop): view 0 (centre crop, unflipped, as the tokens stage's view 0) of the
+    first `n_images` images of the shards in the given order (all of them if n_images <= 0)."""
+    views, where = [], []
+    for tar in tar_paths:
+        for sample in index_shard(tar):
+            if 0 < n_images <= len(views):
+                break
+            img = read_image(tar, sample)
+            params = view_params(0, sample.key, 0, img.width, img.height, spec)  # view 0 ignores the seed
+            views.append(to_tensor(crop_view(img, params, spec)))
+            where.append({"shard": str(tar), "key": sample.key})
+        if 0 < n_images <= len(views):
+            break
+    if not views:
+        raise ValueError(f"no images in {list(map(str, tar_paths))}")
+    return torch.stack(views), where
+
+
 class ShardViews(torch.utils.data.Dataset):
     """Map-style dataset over one or more shards: item i -> (uint8 views (V,3,c,c), label, index, crop params (V,3)).
 

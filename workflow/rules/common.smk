@@ -27,4 +27,6 @@ def all_targets(wildcards):
         *token_targets(),
         *[f"results/{RUN}/samples/{model}/images.npz" for model in ("digit", "vq")],
         *[f"results/{RUN}/probe/{model}.json" for model in ("digit", "vq")],
+        f"reports/{RUN}/metrics.json",
+        f"reports/{RUN}/report.html",
     ]

@@ -1,0 +1,204 @@
+"""Evaluate stage (DiGIT step 8): reference statistics, scores of every sample set, metrics.json.
+
+    reference_stage(config, tars, out_dir)            real images of evaluate.reference_split ->
+                                                      stats.npz (mu, sigma), features.npy, reference.json
+    score_stage(config, images_npz, reference_dir, out_json)
+                                                      FID (and IS where the network has logits),
+                                                      precision/recall of one sample set
+    metrics_stage(config, inputs, out_json)           every figure + provenance -> metrics.json
+                                                      (validated against workflow/schemas/metrics.schema.yaml)
+
+Reference images are the view-0 crops (resize shorter side, centre crop: the pixels the VQGAN
+renders) of the first ``n_reference`` images of the reference split (all with 0). FID uses the
+user's statistics file when ``evaluate.reference_stats`` is set (e.g. ADM's ImageNet 256 batch);
+precision/recall always need real features, so those come from the reference split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import config_hash
+from .data import ViewSpec, centre_views
+from .encode import resolve_device
+from .io import file_sha256, read_json, write_json_atomic, write_npy_atomic
+from .metrics import fid
+
+METRICS_FORMAT = "digit-metrics-v1"
+METRICS_SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "metrics.schema.yaml"
+
+
+def _network(config: dict) -> fid.FeatureNet:
+    ev = config["evaluate"]
+    return fid.load_feature_network(ev["network"], resolve_device(ev["device"]))
+
+
+def reference_stage(config: dict, tars: list[str], out_dir: str, *, progress: bool = True) -> dict:
+    ev = config["evaluate"]
+    out = Path(out_dir)
+    t0 = time.time()
+    net = _network(config)
+    views, where = centre_views(tars, ViewSpec.from_config(config["encoder"]), int(ev["n_reference"]))
+    images = views.permute(0, 2, 3, 1).numpy()
+    feats, _ = net.extract(images, int(ev["batch_size"]), progress, desc="inception reference")
+    mu, sigma = fid.activation_statistics(feats)
+    fid.save_stats(out / "stats.npz", mu, sigma, len(feats), net.id)
+    write_npy_atomic(out / "features.npy", feats.astype(np.float32))
+    keys = hashlib.sha256("\n".join(f"{w['shard']}/{w['key']}" for w in where).encode()).hexdigest()
+    meta = {"stage": "reference", "split": ev["reference_split"], "n": len(feats),
+            "n_requested": int(ev["n_reference"]), "view": 0, "keys_sha256": keys,
+            "shards": [{"path": str(t), "sha256": file_sha256(t)} for t in tars],
+            "feature_network": net.id, "stats_sha256": file_sha256(out / "stats.npz"),
+            "image_size": list(images.shape[1:3]), "seconds": round(time.time() - t0, 2)}
+    write_json_atomic(out / "reference.json", meta)
+    print(f"[reference] {len(feats)} real images of {ev['reference_split']} -> {out} ({meta['seconds']} s)",
+          file=sys.stderr)
+    return meta
+
+
+def score_stage(config: dict, images_npz: str, reference_dir: str, out_json: str, *, progress: bool = True) -> dict:
+    """FID / IS / precision-recall of the images in ``images_npz`` against the reference."""
+    ev = config["evaluate"]
+    t0 = time.time()
+    net = _network(config)
+    ref_dir = Path(reference_dir)
+    ref_meta = read_json(ref_dir / "reference.json")
+    if ref_meta["feature_network"] != net.id:
+        raise ValueError(f"{ref_dir}: reference features come from {ref_meta['feature_network']}, "
+                         f"not the configured {net.id}; rerun the reference stage")
+    with np.load(images_npz) as z:
+        images = z["images"]
+    if images.shape[1:3] != tuple(ref_meta["image_size"]):
+        raise ValueError(f"{images_npz}: images are {images.shape[1:3]}, the reference images "
+                         f"{tuple(ref_meta['image_size'])}")
+    feats, logits = net.extract(images, int(ev["batch_size"]), progress, desc=f"inception {Path(images_npz).parent.name}")
+    mu, sigma = fid.activation_statistics(feats)
+    if ev["reference_stats"]:
+        ref = fid.load_stats(ev["reference_stats"])
+        ref_stats_path = ev["reference_stats"]
+    else:
+        ref = fid.load_stats(ref_dir / "stats.npz")
+        ref_stats_path = str(ref_dir / "stats.npz")
+    fid_value = fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    real = np.load(ref_dir / "features.npy")
+    precision, recall = fid.precision_recall(real, feats, k=int(ev["pr_k"]))
+    is_mean = is_std = None
+    if logits is not None:
+        is_mean, is_std = fid.inception_score(logits, splits=min(10, max(1, len(logits) // 100)))
+    images_meta = read_json(Path(images_npz).with_suffix(".json"))
+    result = {"stage": "score", "images": str(images_npz), "images_sha256": file_sha256(images_npz),
+              "n_samples": int(len(images)), "fid": float(fid_value), "is_mean": is_mean, "is_std": is_std,
+              "precision": float(precision), "recall": float(recall), "pr_k": int(ev["pr_k"]),
+              "n_reference": ref["n"], "reference_stats": ref_stats_path,
+              "reference_stats_sha256": file_sha256(ref_stats_path), "n_reference_features": int(len(real)),
+              "feature_network": net.id, "render": images_meta, "seconds": round(time.time() - t0, 2)}
+    write_json_atomic(out_json, result)
+    is_txt = f", IS {is_mean:.3f}" if is_mean is not None else ""
+    print(f"[score] {images_npz}: FID {fid_value:.3f} (N={len(images)} vs {ref['n']} real){is_txt}, "
+          f"precision {precision:.3f}, recall {recall:.3f}", file=sys.stderr)
+    return result
+
+
+# -- metrics.json --------------------------------------------------------------------------------------
+
+def git_commit(repo: Path | None = None) -> tuple[str | None, bool | None]:
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return commit, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def _figure(fid_: str, metric: str, model: str, value, base: dict, n=None, **prov) -> dict:
+    return {"id": fid_, "metric": metric, "model": model, "value": None if value is None else float(value),
+            "n_samples": None if n is None else int(n), "provenance": {**base, **prov}}
+
+
+def _generation_figures(model: str, score: dict, samples: dict, base: dict) -> list[dict]:
+    render = score["render"]
+    prov = {"checkpoint_sha256": samples.get("checkpoint_sha256"),
+            "stage2_checkpoint_sha256": render.get("stage2_checkpoint_sha256"),
+            "vq_checkpoint_sha256": render.get("vq_checkpoint_sha256"),
+            "samples_sha256": score["images_sha256"],
+            "reference_stats_sha256": score["reference_stats_sha256"],
+            "feature_network": score["feature_network"],
+            "sampling": {"stage1": {k: samples.get(k) for k in ("temperature", "top_k", "top_p", "cfg_scale",
+                                                                  "n_per_class", "n")},
+                         "stage2": {k: render.get(k) for k in ("temperature", "top_k", "top_p")}
+                         if render.get("stage2_checkpoint_sha256") else None},
+            "seeds": {"stage1": samples.get("seed"), "stage1_rule": samples.get("seed_rule"),
+                      "stage2": render.get("seed"), "stage2_rule": render.get("seed_rule")},
+            "source": score["images"]}
+    n = score["n_samples"]
+    figs = [_figure(f"{m}/{model}", m, model, score[m], base, n, **prov)
+            for m in ("fid", "precision", "recall")]
+    if score.get("is_mean") is not None:
+        figs += [_figure(f"{m}/{model}", m, model, score[m], base, n, **prov) for m in ("is_mean", "is_std")]
+    return figs
+
+
+def metrics_stage(config: dict, inputs: dict, out_json: str) -> dict:
+    """Gather every figure of the run into metrics.json. ``inputs`` maps names to artifact paths:
+    score_{model}, samples_{model}, probe_{model}, train_{model} (train.json) for model in digit/vq,
+    train_stage2, stability, and optionally vq (vq.json) and encoder (encoder.json)."""
+    commit, dirty = git_commit()
+    chash = config_hash(config)
+    base = {"config_hash": chash, "git_commit": commit}
+    figures, probe = [], {}
+    for model in ("digit", "vq"):
+        score, samples = read_json(inputs[f"score_{model}"]), read_json(inputs[f"samples_{model}"])
+        figures += _generation_figures(model, score, samples, base)
+        p = read_json(inputs[f"probe_{model}"])
+        probe[model] = {"layers": p["per_layer"], "best_layer": int(p["best_layer"]),
+                        "best_top1": float(p["best_test_acc"]), "chance": p.get("chance"),
+                        "provenance": {**base, "checkpoint_sha256": p.get("checkpoint_sha256"),
+                                       "source": inputs[f"probe_{model}"]}}
+        figures.append(_figure(f"probe_top1/{model}", "probe_top1", model, p["best_test_acc"], base,
+                               p.get("n_test"), checkpoint_sha256=p.get("checkpoint_sha256"),
+                               source=inputs[f"probe_{model}"]))
+    for model in ("digit", "vq", "stage2"):
+        t = read_json(inputs[f"train_{model}"])
+        figures.append(_figure(f"final_loss/{model}", "final_loss", model, t.get("final_loss"), base, None,
+                               checkpoint_sha256=t.get("checkpoint_sha256"), source=inputs[f"train_{model}"]))
+    if inputs.get("vq"):
+        v = read_json(inputs["vq"])
+        figures.append(_figure("vq_psnr/tokenizer", "vq_psnr", "tokenizer", v.get("test_psnr"), base,
+                               v.get("test_images"), vq_checkpoint_sha256=v.get("sha256"), source=inputs["vq"]))
+    if inputs.get("encoder"):
+        e = read_json(inputs["encoder"])
+        figures.append(_figure("encoder_accuracy/tokenizer", "encoder_accuracy", "tokenizer",
+                               e.get("test_accuracy"), base, e.get("test_images"),
+                               checkpoint_sha256=e.get("sha256"), source=inputs["encoder"]))
+    st = read_json(inputs["stability"])
+    stability = {"snrs": st["snr_db"], "rows": [{k: r[k] for k in ("tokenizer", "snr_db", "change_rate", "cosine")}
+                                                 for r in st["rows"]],
+                 "provenance": {**base, "n_images": st["n_images"], "seed": st["seed"], "noise": st["noise"],
+                                "tokenizers": st["tokenizers"], "source": inputs["stability"]}}
+    run = config["run"]
+    metrics = {"format": METRICS_FORMAT, "run": run, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "git_commit": commit, "git_dirty": dirty, "config_hash": chash, "config": config,
+               "figures": figures, "tables": {"stability": stability, "probe": probe, "sweep": None},
+               "artifacts": {"grids": {m: f"results/{run}/samples/{m}/grid.png" for m in ("digit", "vq")},
+                             "training": {m: f"results/{run}/checkpoints/{m}/metrics.jsonl"
+                                          for m in ("digit", "vq", "stage2")},
+                             "vq_history": inputs.get("vq"), "encoder": inputs.get("encoder")}}
+    validate_metrics(metrics)
+    write_json_atomic(out_json, metrics)
+    return metrics
+
+
+def validate_metrics(metrics: dict) -> None:
+    import jsonschema
+    import yaml
+    schema = yaml.safe_load(METRICS_SCHEMA.read_text())
+    jsonschema.Draft7Validator(schema).validate(json.loads(json.dumps(metrics)))

@@ -17,6 +17,9 @@ except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/shards.smk"
 include: "workflow/rules/tokenizer.smk"

@@ -37,18 +37,57 @@ def test_full_smoke_dag_and_incremental_shard(repo, tmp_path, fmnist_dir):
     assert samples["n"] == 20 and np.load(res / "samples" / "digit" / "tokens.npy").shape == (20, 7, 7)
     probe = json.loads((res / "probe" / "digit.json").read_text())
     assert len(probe["per_layer"]) == 2 and probe["n_test"] == 300
+    _check_pixels_and_report(res, work)
 
     again = run_snakemake("-n", workdir=work, configfile=_config(repo, tmp_path, 300))
     assert "Nothing to be done" in again.stdout + again.stderr
 
-    before = {p.name: p.stat().st_mtime_ns for p in (res / "tokens").glob("*.npy")}
+    kinds = ("tokens", "vq_tokens")
+    before = {(k, p.name): p.stat().st_mtime_ns for k in kinds for p in (res / k).glob("*.npy")}
     centroids_before = (res / "kmeans" / "centroids.npy").stat().st_mtime_ns
-    run_snakemake(workdir=work, configfile=_config(repo, tmp_path, 350))  # adds train/test-000003 (50 images)
-    after = {p.name: p.stat().st_mtime_ns for p in (res / "tokens").glob("*.npy")}
-    assert set(after) - set(before) == {"train-000003.npy", "test-000003.npy"}
-    assert all(after[name] == before[name] for name in before), "old shards' tokens must not be recomputed"
+    targets = [f"results/smoke/{k}/{s}-{i:06d}.npy" for k in kinds for s in ("train", "test") for i in range(4)]
+    run_snakemake(*targets, workdir=work, configfile=_config(repo, tmp_path, 350))  # adds train/test-000003
+    after = {(k, p.name): p.stat().st_mtime_ns for k in kinds for p in (res / k).glob("*.npy")}
+    assert set(after) - set(before) == {(k, f"{s}-000003.npy") for k in kinds for s in ("train", "test")}
+    assert all(after[key] == before[key] for key in before), "old shards' tokens must not be recomputed"
     assert (res / "kmeans" / "centroids.npy").stat().st_mtime_ns == centroids_before
     assert np.load(res / "tokens" / "train-000003.npy").shape == (50, 2, 7, 7)
+    assert np.load(res / "vq_tokens" / "train-000003.npy").shape == (50, 2, 7, 7)
+
+
+def _check_pixels_and_report(res, work):
+    """Issue 5/6 artifacts of the smoke run: VQ tokens aligned with the DiGIT tokens, stage 2 learnt,
+    both sample sets decoded to valid images, metrics.json valid with provenance, report.html."""
+    from PIL import Image
+
+    from pipeline.evaluate import validate_metrics
+
+    digit_meta = json.loads((res / "tokens" / "train-000000.json").read_text())
+    vq_meta = json.loads((res / "vq_tokens" / "train-000000.json").read_text())
+    assert vq_meta["keys"] == digit_meta["keys"] and vq_meta["crops"] == digit_meta["crops"]
+    assert np.load(res / "vq_tokens" / "train-000000.npy").shape == (100, 2, 7, 7)
+    losses = [json.loads(line)["loss"] for line in (res / "checkpoints" / "stage2" / "metrics.jsonl").open()]
+    assert losses[-1] < losses[0], losses            # teacher-forced loss on the VQ part goes down
+    for model in ("digit", "vq"):
+        with np.load(res / "samples" / model / "images.npz") as z:
+            assert z["images"].shape == (20, 28, 28, 3) and z["images"].dtype == np.uint8
+            assert z["labels"].tolist() == np.repeat(np.arange(10), 2).tolist()
+        assert Image.open(res / "samples" / model / "grid.png").size[0] > 100
+        score = json.loads((res / "eval" / f"{model}.json").read_text())
+        assert score["fid"] > 0 and 0 <= score["precision"] <= 1 and score["n_samples"] == 20
+    metrics = json.loads((work / "reports" / "smoke" / "metrics.json").read_text())
+    validate_metrics(metrics)
+    ids = {f["id"] for f in metrics["figures"]}
+    assert {"fid/digit", "fid/vq", "precision/digit", "recall/vq", "probe_top1/digit", "probe_top1/vq"} <= ids
+    for f in metrics["figures"]:
+        assert f["provenance"]["config_hash"] == metrics["config_hash"]
+    fid_digit = next(f for f in metrics["figures"] if f["id"] == "fid/digit")
+    assert fid_digit["n_samples"] == 20 and fid_digit["provenance"]["reference_stats_sha256"]
+    assert fid_digit["provenance"]["stage2_checkpoint_sha256"] and fid_digit["provenance"]["feature_network"]
+    rows = metrics["tables"]["stability"]["rows"]
+    assert {r["tokenizer"] for r in rows} == {"digit", "vq"} and len(rows) == 16
+    html = (work / "reports" / "smoke" / "report.html").read_text()
+    assert "FID" in html and "data:image/png;base64" in html
 
 
 def test_class_conditioning_on_real_tokens(repo, tmp_path, fmnist_dir):

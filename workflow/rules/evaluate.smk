@@ -92,8 +92,10 @@ rule report:
         unpack(report_inputs),
         grids=[f"results/{RUN}/samples/{model}/grid.png" for model in ("digit", "vq")],
     output:
-        metrics=f"{REPORT_DIR}/metrics.json",
-        html=report(f"{REPORT_DIR}/report.html", category="Report"),
+        metrics=report(f"{REPORT_DIR}/metrics.json", caption="../report/metrics.rst",
+                       category="Report", labels={"file": "metrics.json"}),
+        html=report(f"{REPORT_DIR}/report.html", caption="../report/report.rst",
+                    category="Report", labels={"file": "report.html"}),
     params:
         cfg=lambda wc: cli_json(**config),
         inputs=lambda wc, input: " ".join(f"--input {name}={path}" for name, path in input.items()

@@ -97,7 +97,8 @@ rule render_digit:
         vq=vq_file(),
     output:
         images=f"results/{RUN}/samples/digit/images.npz",
-        grid=f"results/{RUN}/samples/digit/grid.png",
+        grid=report(f"results/{RUN}/samples/digit/grid.png", caption="../report/samples.rst",
+                    category="Samples", subcategory="DiGIT", labels={"model": "DiGIT"}),
         meta=f"results/{RUN}/samples/digit/images.json",
     params:
         cfg=lambda wc: cli_json(stage2={"sample": STAGE2["sample"]}),
@@ -118,7 +119,8 @@ rule render_vq:
         vq=vq_file(),
     output:
         images=f"results/{RUN}/samples/vq/images.npz",
-        grid=f"results/{RUN}/samples/vq/grid.png",
+        grid=report(f"results/{RUN}/samples/vq/grid.png", caption="../report/samples.rst",
+                    category="Samples", subcategory="VQ baseline", labels={"model": "VQ baseline"}),
         meta=f"results/{RUN}/samples/vq/images.json",
     params:
         samples=f"results/{RUN}/samples/vq",

@@ -169,6 +169,11 @@ def build_shards(dataset_cfg: dict, shards_cfg: dict, out_root: str | Path = "sh
     jobs, classes_by_split = [], {}
     for split in dataset_cfg["splits"]:
         items, classes = sources.list_source(dataset_cfg["source"], root, split, dataset_cfg.get("label_key", "cls"))
+        if dataset_cfg.get("shuffle_seed") is not None:
+            # class-ordered sources (ImageFolder) would otherwise give one-class shards, and the
+            # first shards (k-means sample, `limit`) would cover only the first classes
+            order = np.random.default_rng(int(dataset_cfg["shuffle_seed"])).permutation(len(items))
+            items = [items[i] for i in order]
         if dataset_cfg.get("limit"):
             items = items[: dataset_cfg["limit"]]
         _check_unique_keys(items, split)

@@ -89,6 +89,9 @@ def fake_config(src: str | Path, dest: str | Path, data_root: str | Path, n_trai
     cfg["dataset"]["path"] = str(data_root)
     cfg["shards"]["samples_per_shard"] = 1
     cfg["shards"]["workers"] = 2
+    # The scenario grows the dataset by one image. A shuffled source deals every image anew when it
+    # grows (all shards change), so growth is tested in source order, where a new image appends a shard.
+    cfg["dataset"]["shuffle_seed"] = None
     if n_train != IMAGENET_TRAIN_SHARDS and cfg["kmeans"].get("shards"):
         cfg["kmeans"]["shards"] = max(1, round(n_train * cfg["kmeans"]["shards"] / IMAGENET_TRAIN_SHARDS))
     Path(dest).write_text(yaml.safe_dump(cfg, sort_keys=False))

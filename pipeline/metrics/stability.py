@@ -1,0 +1,353 @@
+"""Latent-space stability under input noise (DiGIT paper, Table 1): discriminative vs VQ tokens.
+
+For every SNR level (default 30, 25, 20, 15, 10, 5, 1, 0.01 dB, the paper's columns) white
+Gaussian noise is added to each image, both tokenizers tokenize the clean and the noisy image, and
+two numbers are reported per tokenizer:
+
+* **token change rate**: the fraction of token positions (over all images and all h x w grid
+  positions) whose index differs between the clean and the noisy image;
+* **cosine similarity**: the mean, over the same positions, of cos(e_clean, e_noisy) where e is the
+  token's *embedding*, i.e. the quantized vector the index stands for: the k-means centroid for
+  the discriminative (DiGIT) tokenizer, the codebook row for the VQ tokenizer. Where the index did
+  not change the cosine is exactly 1 (it is set, not computed, so float error cannot push it past
+  1); elsewhere it is computed in fp32 and clamped to [-1, 1]. It is a mean of per-position cosines
+  (not the cosine of the flattened grids), so unchanged positions count 1 each and the value can
+  in principle be negative (codebook rows pointing in opposite directions); it is not clamped at 0.
+
+Noise definition (the paper states the SNR levels but neither the pixel space nor the signal
+power; the official code release contains no script for this table, so this is our choice):
+
+* Space: the pixels every tokenizer here starts from, uint8 mapped to [-1, 1] (x / 127.5 - 1), the
+  VQGAN's input range. The *same* noisy image goes to both tokenizers: the VQ tokenizer takes it
+  as is; the DiGIT tokenizer maps it back to [0, 255] and runs the pipeline's own encoder
+  preprocessing (`data.encoder_input`: /255, bicubic resize to `image_size` without antialias,
+  mean/std normalisation). So both tokenizers see the same perturbation of the same crop. (Where
+  the encoder size differs from the crop, e.g. 256 -> 224 for DINOv2, the noisy crop is resized
+  like the clean one, which low-passes the noise a little: that is what the encoder is given.)
+  The signal power is not measured in each tokenizer's normalised space (ImageNet mean/std for
+  DINOv2) because then the two tokenizers would get different noise for the same SNR.
+* Signal power, per image: P_signal = mean of x^2 over its C x H x W values in [-1, 1].
+  Noise: n = sigma * z, z ~ N(0, I), sigma = sqrt(P_signal / 10^(SNR/10)), i.e. the usual
+  SNR_dB = 10 log10(P_signal / P_noise) with P_noise = sigma^2 (the measured SNR of the drawn noise
+  is reported next to every row and matches the requested one to ~0.01 dB over a few hundred
+  images).
+* No clamping to [-1, 1] and no re-quantization to uint8: the noisy float image goes straight into
+  the tokenizers (at 0.01 dB the noise is as strong as the signal, clamping would change its
+  power and spectrum).
+* Seeding: image i (its position in the evaluated set) gets one standard-normal field z_i drawn
+  from a generator seeded by sha256("stability/{seed}/{i}"); every SNR level scales the same z_i
+  (common random numbers: the columns differ only by the noise level, so the curves are smooth and
+  the table does not depend on the batch size or on which SNRs are evaluated). Same seed, same
+  images, same models -> identical table.
+
+Pure functions, no Snakemake: `add_noise`, `image_noise`, `Tokenizer` with `digit_tokenizer` /
+`vq_tokenizer`, `stability_table`, `format_table`, and `stability_stage` (loads the pipeline's
+encoder, centroids and VQ checkpoint, takes the centre views (view 0) of the first `n_images` test
+images and writes a JSON with the rows and their provenance).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SNRS_DB: tuple[float, ...] = (30, 25, 20, 15, 10, 5, 1, 0.01)
+
+NOISE_DEFINITION = {
+    "space": "pixels in [-1, 1] (uint8 / 127.5 - 1), the crop-sized view; the same noisy image goes to "
+             "every tokenizer (DiGIT: mapped back to [0, 255], then the encoder preprocessing)",
+    "signal_power": "per image: mean of x^2 over C*H*W in [-1, 1]",
+    "noise": "x + sigma * z, z ~ N(0, I), sigma = sqrt(P_signal / 10^(snr_db / 10)); no clamping, no uint8 rounding",
+    "seeding": "image i: z_i from torch.Generator seeded by sha256('stability/{seed}/{i}'); one z_i scaled for "
+               "every SNR (common random numbers)",
+}
+METRIC_DEFINITION = {
+    "change_rate": "fraction of (image, grid position) pairs whose token index differs from the clean image's",
+    "cosine": "mean over (image, grid position) of cos(embedding(clean token), embedding(noisy token)); "
+              "embedding = k-means centroid (DiGIT) / codebook row (VQ); 1 where the index is unchanged; "
+              "clamped to [-1, 1], not at 0",
+}
+
+# The paper's Table 1 (ImageNet; DINOv2 + k-means "Disc" tokens vs VQGAN tokens), for comparison
+# in reports. Columns are SNRS_DB.
+PAPER_TABLE1 = {
+    "vq": {"change_rate": [0.187, 0.317, 0.487, 0.663, 0.805, 0.901, 0.948, 0.956],
+           "cosine": [0.972, 0.949, 0.910, 0.853, 0.777, 0.682, 0.594, 0.571]},
+    "digit": {"change_rate": [0.114, 0.178, 0.260, 0.355, 0.457, 0.570, 0.687, 0.721],
+              "cosine": [0.975, 0.960, 0.940, 0.916, 0.888, 0.855, 0.816, 0.803]},
+}
+
+LABELS = {"digit": "DiGIT", "vq": "VQ"}
+
+
+# ---------------------------------------------------------------------------------------- noise
+
+def signal_power(x: torch.Tensor) -> torch.Tensor:
+    """Per-image mean square: (B, ...) -> (B,), in fp32 (fp64 accumulation)."""
+    return x.reshape(len(x), -1).double().pow(2).mean(dim=1).float()
+
+
+def noise_sigma(x: torch.Tensor, snr_db: float) -> torch.Tensor:
+    """Per-image noise std for the requested SNR: sqrt(P_signal / 10^(snr/10)), shape (B,)."""
+    return (signal_power(x) / (10.0 ** (float(snr_db) / 10.0))).sqrt()
+
+
+def _image_seed(seed: int, index: int) -> int:
+    digest = hashlib.sha256(f"stability/{int(seed)}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def image_noise(shape: Sequence[int], seed: int, indices: Sequence[int]) -> torch.Tensor:
+    """Standard-normal fields (len(indices), *shape), field j seeded by (seed, indices[j]) alone."""
+    out = torch.empty((len(indices), *shape), dtype=torch.float32)
+    for j, i in enumerate(indices):
+        g = torch.Generator().manual_seed(_image_seed(seed, int(i)))
+        out[j] = torch.randn(tuple(shape), generator=g)
+    return out
+
+
+def add_noise(x: torch.Tensor, snr_db: float, generator: torch.Generator | None = None, *,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, ...) float -> x + sigma_b * z at the requested SNR per image (see module docstring).
+
+    `noise` (standard normal, x's shape) is used when given, else drawn with `generator`.
+    No clamping. Returns a new tensor.
+    """
+    if not torch.is_floating_point(x):
+        raise TypeError(f"add_noise needs float pixels (e.g. in [-1, 1]), got {x.dtype}")
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != image shape {tuple(x.shape)}")
+    sigma = noise_sigma(x, snr_db).to(device=x.device, dtype=x.dtype)
+    return x + sigma.view(-1, *([1] * (x.dim() - 1))) * noise.to(device=x.device, dtype=x.dtype)
+
+
+def measured_snr_db(x: torch.Tensor, noisy: torch.Tensor) -> float:
+    """10 log10(sum of signal power / sum of noise power) over a batch (pooled over images)."""
+    p_s = x.double().pow(2).sum()
+    p_n = (noisy.double() - x.double()).pow(2).sum()
+    return float(10.0 * torch.log10(p_s / p_n)) if p_n > 0 else math.inf
+
+
+# ------------------------------------------------------------------------------------ tokenizers
+
+@dataclass
+class Tokenizer:
+    """pixels float (B,3,H,W) in [-1, 1] -> (ids (B,h,w) long, embeddings (B,h,w,D) float32), on CPU."""
+
+    name: str
+    tokenize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    info: dict = field(default_factory=dict)
+
+
+def digit_tokenizer(encoder: torch.nn.Module, centroids, spec, *, device: str | torch.device = "cpu",
+                    name: str = "digit") -> Tokenizer:
+    """Discriminative tokens exactly as the tokens stage makes them: `encoder_input`, the frozen
+    encoder, fp16-rounded features, `tokens.nearest_centroid`. Embedding = the centroid vector."""
+    from ..data import encoder_input
+    from ..tokens import nearest_centroid
+
+    dev = torch.device(device)
+    encoder = encoder.to(dev).eval()
+    c = torch.as_tensor(np.ascontiguousarray(np.asarray(centroids), dtype=np.float32)).to(dev)
+    if c.ndim != 2:
+        raise ValueError(f"centroids must be (K, D), got shape {tuple(c.shape)}")
+    c_sqnorm = (c * c).sum(dim=1)
+    h, w = encoder.grid
+    c_cpu = c.cpu()
+
+    @torch.no_grad()
+    def tokenize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels255 = (x.to(dev, torch.float32) + 1.0) * 127.5  # fresh tensor: encoder_input divides in place
+        feats = encoder(encoder_input(pixels255, spec)).float()
+        if feats.shape[-1] != c.shape[1]:
+            raise ValueError(f"encoder gives {feats.shape[-1]}-d features, centroids are {c.shape[1]}-d")
+        ids = nearest_centroid(feats.half().float(), c, c_sqnorm).reshape(len(x), h, w).cpu()
+        return ids, c_cpu[ids]
+
+    return Tokenizer(name, tokenize, {"kind": "discriminative (encoder + k-means centroids)",
+                                      "codebook_size": int(c.shape[0]), "embed_dim": int(c.shape[1]),
+                                      "grid": [int(h), int(w)]})
+
+
+def vq_tokenizer(vq_model: torch.nn.Module, *, device: str | torch.device = "cpu", name: str = "vq") -> Tokenizer:
+    """VQ tokens from `VQGAN.encode` (input in [-1, 1]); embedding = the codebook row of the index."""
+    dev = torch.device(device)
+    vq_model = vq_model.to(dev).eval()
+
+    @torch.no_grad()
+    def tokenize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, ids = vq_model.encode(x.to(dev, torch.float32))
+        ids = ids.cpu()
+        return ids, vq_model.quantize.embedding.weight.detach().float().cpu()[ids]
+
+    g = vq_model.grid_size
+    return Tokenizer(name, tokenize, {"kind": "reconstructive VQ (VQGAN codebook)",
+                                      "codebook_size": int(vq_model.codebook_size),
+                                      "embed_dim": int(vq_model.quantize.embedding.weight.shape[1]),
+                                      "grid": [int(g), int(g)]})
+
+
+# ------------------------------------------------------------------------------------------ table
+
+def _position_cosines(ids_a, emb_a, ids_b, emb_b) -> torch.Tensor:
+    cos = F.cosine_similarity(emb_a.float(), emb_b.float(), dim=-1, eps=1e-12).clamp_(-1.0, 1.0)
+    return torch.where(ids_a == ids_b, torch.ones_like(cos), cos)
+
+
+def stability_table(images_uint8: torch.Tensor, tokenizers: Mapping[str, Tokenizer] | Sequence[Tokenizer],
+                    snrs: Sequence[float] = SNRS_DB, seed: int = 0, batch_size: int = 64,
+                    progress: bool = False) -> list[dict]:
+    """Rows {tokenizer, snr_db, change_rate, cosine, measured_snr_db, positions, images}, one per
+    (tokenizer, SNR), tokenizers in the given order, SNRs in the given order."""
+    if isinstance(images_uint8, np.ndarray):
+        images_uint8 = torch.from_numpy(images_uint8)
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+    n = len(images_uint8)
+    if n == 0:
+        raise ValueError("stability_table: no images")
+    toks = list(tokenizers.values()) if isinstance(tokenizers, Mapping) else list(tokenizers)
+    if not toks:
+        raise ValueError("stability_table: no tokenizers")
+    snrs = [float(s) for s in snrs]
+    zeros = lambda: {t.name: [0.0] * len(snrs) for t in toks}  # noqa: E731
+    changed, cos_sum, positions = zeros(), zeros(), zeros()
+    p_signal = 0.0
+    p_noise = [0.0] * len(snrs)
+    batch_size = max(1, int(batch_size))
+    from tqdm import tqdm
+    with tqdm(total=n * (len(snrs) + 1), desc="stability", unit="img", disable=not progress,
+              file=sys.stderr, mininterval=2) as bar:
+        for start in range(0, n, batch_size):
+            x = images_uint8[start:start + batch_size].float().div(127.5).sub(1.0)
+            b = len(x)
+            z = image_noise(x.shape[1:], seed, range(start, start + b))
+            p_signal += float(x.double().pow(2).sum())
+            clean = {t.name: t.tokenize(x) for t in toks}
+            bar.update(b)
+            for j, snr in enumerate(snrs):
+                noisy = add_noise(x, snr, noise=z)
+                p_noise[j] += float((noisy.double() - x.double()).pow(2).sum())
+                for t in toks:
+                    ids0, emb0 = clean[t.name]
+                    ids1, emb1 = t.tokenize(noisy)
+                    if ids1.shape != ids0.shape:
+                        raise ValueError(f"{t.name}: token grid shape changed {tuple(ids0.shape)} -> {tuple(ids1.shape)}")
+                    changed[t.name][j] += float((ids1 != ids0).sum())
+                    cos_sum[t.name][j] += float(_position_cosines(ids0, emb0, ids1, emb1).double().sum())
+                    positions[t.name][j] += ids0.numel()
+                bar.update(b)
+    rows = []
+    for t in toks:
+        for j, snr in enumerate(snrs):
+            m = positions[t.name][j]
+            rows.append({"tokenizer": t.name, "snr_db": snr,
+                         "change_rate": changed[t.name][j] / m, "cosine": cos_sum[t.name][j] / m,
+                         "measured_snr_db": (10.0 * math.log10(p_signal / p_noise[j]) if p_noise[j] > 0 else math.inf),
+                         "positions": int(m), "images": n})
+    return rows
+
+
+def _snr_label(s: float) -> str:
+    return f"{s:g}"
+
+
+def format_table(rows: Sequence[dict], digits: int = 3) -> str:
+    """A plain-text (Markdown pipe) table laid out like the paper's Table 1: SNR (dB) as columns;
+    one "token change" row per tokenizer, then one "cos-sim" row per tokenizer."""
+    snrs: list[float] = []
+    names: list[str] = []
+    cells: dict[tuple[str, float], dict] = {}
+    for r in rows:
+        s = float(r["snr_db"])
+        if s not in snrs:
+            snrs.append(s)
+        if r["tokenizer"] not in names:
+            names.append(r["tokenizer"])
+        cells[(r["tokenizer"], s)] = r
+    body = [["SNR (dB)", *(_snr_label(s) for s in snrs)]]
+    for metric, label in (("change_rate", "token change (lower: more stable)"),
+                          ("cosine", "token cos-sim (higher: more stable)")):
+        for name in names:
+            vals = [f"{cells[(name, s)][metric]:.{digits}f}" if (name, s) in cells else "-" for s in snrs]
+            body.append([f"{LABELS.get(name, name)} {label}", *vals])
+    widths = [max(len(row[i]) for row in body) for i in range(len(body[0]))]
+    fmt = lambda row: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                        for i, (c, w) in enumerate(zip(row, widths))) + " |"
+    sep = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([fmt(body[0]), sep, *(fmt(r) for r in body[1:])])
+
+
+# ------------------------------------------------------------------------------------------ stage
+
+def stability_stage(config: dict, encoder_path: str | Path | None, centroids_path: str | Path,
+                    vq_path: str | Path, tar_paths: Sequence[str | Path], out_json: str | Path,
+                    n_images: int = 1000, *, seed: int = 0, snrs: Sequence[float] = SNRS_DB,
+                    batch_size: int = 64, device: str | None = None, progress: bool = True) -> dict:
+    """Load the configured encoder + centroids and the VQ checkpoint, compute the table on the
+    centre views of the first `n_images` images of `tar_paths`, write `out_json` atomically.
+    `device` None: the config's `encoder.device` ("auto": the GPU if there is one). fp32 throughout."""
+    from ..cli import load_configured_encoder
+    from ..data import ViewSpec, centre_views
+    from ..encode import resolve_device
+    from ..io import file_sha256, write_json_atomic
+    from ..vq import load_configured_vq
+
+    t0 = time.time()
+    spec = ViewSpec.from_config(config["encoder"])
+    dev = resolve_device(device or config["encoder"].get("device", "auto"))
+    encoder = load_configured_encoder(config, str(encoder_path) if encoder_path else None)
+    centroids = np.load(centroids_path)
+    vq_model, vq_meta, _ = load_configured_vq(config["vq"], vq_path)
+    if vq_model.config.resolution != spec.crop:
+        raise ValueError(f"VQ model resolution {vq_model.config.resolution} != view crop {spec.crop}")
+    images, where = centre_views(tar_paths, spec, int(n_images))
+    tokenizers = {"digit": digit_tokenizer(encoder, centroids, spec, device=dev),
+                  "vq": vq_tokenizer(vq_model, device=dev)}
+    with torch.no_grad():
+        rows = stability_table(images, tokenizers, snrs=snrs, seed=seed, batch_size=batch_size, progress=progress)
+    enc_ckpt = encoder_path or config["encoder"].get("checkpoint")
+    keys_digest = hashlib.sha256("\n".join(f"{w['shard']}/{w['key']}" for w in where).encode()).hexdigest()
+    out = {
+        "stage": "stability",
+        "rows": rows,
+        "table": format_table(rows),
+        "snr_db": [float(s) for s in snrs],
+        "seed": int(seed),
+        "n_images": len(images),
+        "n_images_requested": int(n_images),
+        "images": {"shards": [str(p) for p in tar_paths], "view": 0, "first_key": where[0]["key"],
+                   "last_key": where[-1]["key"], "keys_sha256": keys_digest,
+                   "crop": spec.crop, "resize": spec.resize},
+        "noise": NOISE_DEFINITION,
+        "metrics": METRIC_DEFINITION,
+        "tokenizers": {
+            "digit": {**tokenizers["digit"].info, "encoder_arch": getattr(encoder.info, "arch", None),
+                      "encoder_layer": config["encoder"].get("layer"),
+                      "encoder_block_index": getattr(encoder.info, "block_index", None),
+                      "encoder_checkpoint": str(enc_ckpt) if enc_ckpt else None,
+                      "encoder_sha256": (file_sha256(enc_ckpt) if enc_ckpt and Path(enc_ckpt).is_file()
+                                         else getattr(encoder.info, "weights_sha256", None)),
+                      "centroids": str(centroids_path), "centroids_sha256": file_sha256(centroids_path),
+                      "preprocessing": {"image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std)}},
+            "vq": {**tokenizers["vq"].info, "checkpoint": str(vq_path), "checkpoint_sha256": file_sha256(vq_path),
+                   "config": vq_model.config.to_dict(), "test_psnr": vq_meta.get("test_psnr")},
+        },
+        "paper_table1": {"snr_db": list(SNRS_DB), **PAPER_TABLE1},
+        "device": str(dev),
+        "seconds": round(time.time() - t0, 2),
+    }
+    write_json_atomic(out_json, out)
+    print(f"[stability] {len(images)} images, {len(snrs)} SNR levels -> {out_json} ({out['seconds']} s)\n"
+          f"{out['table']}", file=sys.stderr)
+    return out

@@ -7,12 +7,13 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow setup data dry-run clean-results help
+.PHONY: demo test test-slow test-slurm setup data dry-run clean-results help
 
 help:
 	@echo "make demo       set up, then run the whole pipeline on the tiny default (configs/default.yaml)"
 	@echo "make test       set up, then run the fast tests"
 	@echo "make test-slow  set up, then run the slow end-to-end tests"
+	@echo "make test-slurm set up, then run the smoke DAG on a single-node SLURM cluster on localhost (root)"
 	@echo "make dry-run    show what Snakemake would run (CONFIG=... to choose a config)"
 	@echo "make setup      create $(VENV) and install the package (done by demo/test)"
 	@echo "make data       install Fashion-MNIST (Debian package dataset-fashion-mnist)"
@@ -25,6 +26,11 @@ test: setup data
 
 test-slow: setup data
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# Installs slurmctld/slurmd/munge (apt) and the executor plugin into .slurm-plugin/ when missing;
+# skips when not root. See README, "Running on a SLURM cluster".
+test-slurm: setup data
+	$(BIN)/python -m pytest -m slurm $(PYTEST_ARGS)
 
 dry-run: setup
 	$(BIN)/snakemake -n --cores $(CORES) --configfile $(CONFIG)

@@ -49,7 +49,7 @@ rule train_vq:
 
 rule vq_tokens:
     input:
-        tar=f"shards/{DATASET}/{{split}}-{{shard_id}}.tar",
+        tar=shard_tar,
         digit=f"results/{RUN}/tokens/{{split}}-{{shard_id}}.json",
         vq=vq_file(),
     output:

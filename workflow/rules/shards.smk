@@ -19,3 +19,9 @@ def shard_paths(split):
     summary = checkpoints.shards.get(dataset=DATASET).output.summary
     with open(summary) as f:
         return [f"shards/{DATASET}/{name}" for name in json.load(f)["splits"][split]["shards"]]
+
+
+def shard_tar(wildcards):
+    """One shard's tar, tied to the checkpoint so that a per-shard target works in a fresh directory."""
+    checkpoints.shards.get(dataset=DATASET)
+    return f"shards/{DATASET}/{wildcards.split}-{wildcards.shard_id}.tar"

@@ -7,7 +7,10 @@ wildcard_constraints:
 
 
 ENCODER_OUTPUT_KEYS = ("arch", "checkpoint", "layer", "resize", "crop", "image_size", "mean", "std", "precision", "train")
-TORCH_THREADS = max(1, workflow.cores) if workflow.cores else 1
+try:  # all of --cores locally; inside a cluster job Snakemake runs with --cores all (the job's CPUs)
+    TORCH_THREADS = max(1, workflow.cores)
+except WorkflowError:  # the submitting process of a cluster run has no --cores: the profile sets CPUs
+    TORCH_THREADS = 1
 
 
 def encoder_settings():
@@ -69,7 +72,7 @@ rule train_encoder:
 
 rule features:
     input:
-        tar=f"shards/{DATASET}/{{split}}-{{shard_id}}.tar",
+        tar=shard_tar,
         encoder=encoder_file(),
     output:
         directory(f"results/{RUN}/features/{{split}}-{{shard_id}}.zarr"),
@@ -107,7 +110,7 @@ rule kmeans:
 
 rule tokens:
     input:
-        tar=f"shards/{DATASET}/{{split}}-{{shard_id}}.tar",
+        tar=shard_tar,
         encoder=encoder_file(),
         centroids=f"results/{RUN}/kmeans/centroids.npy",
     output:

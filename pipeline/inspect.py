@@ -200,10 +200,33 @@ def summarise_samples(path: Path) -> dict:
     tokens = np.load(path / "tokens.npy", mmap_mode="r")
     labels = np.load(path / "labels.npy")
     meta = json.loads((path / "samples.json").read_text())
-    return {"kind": "sampled token grids", "shape": list(tokens.shape), "dtype": str(tokens.dtype),
-            "label_histogram": histogram(labels.tolist()),
-            "sampling": {k: v for k, v in meta.items() if k in ("temperature", "top_k", "top_p", "cfg_scale", "seed")},
-            **codebook_stats(np.asarray(tokens), meta.get("vocab_size"))}
+    out = {"kind": "sampled token grids", "shape": list(tokens.shape), "dtype": str(tokens.dtype),
+           "label_histogram": histogram(labels.tolist()),
+           "sampling": {k: v for k, v in meta.items() if k in ("temperature", "top_k", "top_p", "cfg_scale", "seed")},
+           **codebook_stats(np.asarray(tokens), meta.get("vocab_size"))}
+    if (path / "images.npz").is_file():
+        out["images"] = summarise_images(path / "images.npz")
+    return out
+
+
+@summariser(lambda p: p.is_file() and p.suffix == ".npz")
+def summarise_images(path: Path) -> dict:
+    """images.npz of the render stage (or any .npz: its arrays' shapes)."""
+    with np.load(path) as z:
+        if "images" not in z.files:
+            return {"kind": "npz", "arrays": {k: [list(z[k].shape), str(z[k].dtype)] for k in z.files}}
+        images = z["images"]
+        labels = z["labels"] if "labels" in z.files else np.full(len(images), -1)
+    out = {"kind": "rendered images", "shape": list(images.shape), "dtype": str(images.dtype),
+           "pixel_mean": round(float(images.mean()), 2) if images.size else None,
+           "pixel_std": round(float(images.std()), 2) if images.size else None,
+           "label_histogram": histogram(labels.tolist())}
+    meta_path = path.with_name("images.json")
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        out["route"] = meta.get("route")
+        out["stage2_sampling"] = {k: meta[k] for k in ("temperature", "top_k", "top_p", "seed") if k in meta}
+    return out
 
 
 @summariser(lambda p: p.is_file() and p.suffix == ".json")

@@ -1,5 +1,6 @@
 """Slow: the whole DAG on the smoke config, then incrementality when a shard is added."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -41,6 +42,7 @@ def test_full_smoke_dag_and_incremental_shard(repo, tmp_path, fmnist_dir):
 
     again = run_snakemake("-n", workdir=work, configfile=_config(repo, tmp_path, 300))
     assert "Nothing to be done" in again.stdout + again.stderr
+    _check_torchrun_through_the_rule(repo, tmp_path, work, res)
 
     kinds = ("tokens", "vq_tokens")
     before = {(k, p.name): p.stat().st_mtime_ns for k in kinds for p in (res / k).glob("*.npy")}
@@ -53,6 +55,24 @@ def test_full_smoke_dag_and_incremental_shard(repo, tmp_path, fmnist_dir):
     assert (res / "kmeans" / "centroids.npy").stat().st_mtime_ns == centroids_before
     assert np.load(res / "tokens" / "train-000003.npy").shape == (50, 2, 7, 7)
     assert np.load(res / "vq_tokens" / "train-000003.npy").shape == (50, 2, 7, 7)
+
+
+def _check_torchrun_through_the_rule(repo, tmp_path, work, res):
+    """train.processes: 2 makes the rule launch torchrun (2 CPU processes, gloo); DDP keeps the global
+    batch, so the losses match the single-process run's."""
+    single = [json.loads(line)["loss"] for line in (res / "checkpoints" / "digit" / "metrics.jsonl").open()]
+    cfg = yaml.safe_load(_config(repo, tmp_path, 300).read_text())
+    cfg["train"]["processes"] = 2
+    path = tmp_path / "smoke-ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    shutil.rmtree(res / "checkpoints" / "digit")      # no last.pt to resume from: train anew
+    proc = run_snakemake("--printshellcmds", "--", "results/smoke/checkpoints/digit/train.json",
+                         workdir=work, configfile=path)
+    assert "torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2" in proc.stdout + proc.stderr
+    assert "world 2" in (res.parent.parent / "results" / "smoke" / "logs" / "train_stage1_digit.log").read_text()
+    assert json.loads((res / "checkpoints" / "digit" / "train.json").read_text())["world_size"] == 2
+    ddp = [json.loads(line)["loss"] for line in (res / "checkpoints" / "digit" / "metrics.jsonl").open()]
+    np.testing.assert_allclose(ddp, single, rtol=1e-3)
 
 
 def _check_pixels_and_report(res, work):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.inspect import summarise
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.models.sampling import sample
 from pipeline.models.vqgan import VQGAN, preset
@@ -145,6 +146,9 @@ def test_render_through_stage2_and_direct(stage2, pairs, tmp_path):
     assert images.shape == (9, 28, 28, 3) and images.dtype == np.uint8
     assert got_labels.tolist() == labels.tolist() and meta["top_p"] == 0.8
     assert Image.open(folder / "grid.png").size[0] > 0
+    summary = summarise(folder / "images.npz")
+    assert summary["kind"] == "rendered images" and summary["shape"] == [9, 28, 28, 3]
+    assert summary["stage2_sampling"]["top_p"] == 0.8
     vq_grids = np.load(folder / "vq_tokens.npy")
     assert vq_grids.shape == (9, 7, 7) and vq_grids.max() < VQ_K
     # resumable and deterministic: a rerun reuses the parts and decodes the same images

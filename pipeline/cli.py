@@ -225,7 +225,7 @@ def cmd_render(args) -> int:
     config = resolve_config(args)
     _set_threads(args)
     render_stage(args.samples, args.vq, args.out_dir, config["stage2"]["sample"], stage2_checkpoint=args.stage2,
-                 device=config["stage2"]["train"]["device"], progress=not args.quiet)
+                 device=config["stage2"]["train"]["device"], progress=not args.quiet, vq_section=config["vq"])
     return 0
 
 

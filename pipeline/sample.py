@@ -218,7 +218,8 @@ def _decode(vq_model, grids: np.ndarray, batch_size: int, device) -> np.ndarray:
 
 
 def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = None, render_cfg: dict | None = None,
-                 *, stage2_checkpoint: str | None = None, device: str = "auto", progress: bool = True) -> dict:
+                 *, stage2_checkpoint: str | None = None, device: str = "auto", progress: bool = True,
+                 vq_section: dict | None = None) -> dict:
     """Turn the token grids of a sample folder into images (DiGIT step 6, or the VQ baseline).
 
     With ``stage2_checkpoint`` the grids are DiGIT tokens: stage 2 draws the VQ grid of every sample
@@ -226,8 +227,8 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
     then the VQGAN decodes it. Without, the grids already are VQ tokens (the baseline) and are
     decoded directly. Writes ``images.npz`` (images (n, H, W, 3) uint8, labels), ``grid.png`` and
     ``images.json`` into ``out_dir`` (default: the sample folder); stage-2 work is resumable in parts
-    under ``render/``."""
-    from .vq import load_vq
+    under ``render/``. ``vq_section``: the config's ``vq`` section (needed for taming checkpoints)."""
+    from .vq import load_configured_vq, load_vq
 
     t_start = time.time()
     dev = resolve_device(device)
@@ -237,7 +238,8 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
     tokens = np.load(src / "tokens.npy")
     labels = np.load(src / "labels.npy")
     src_meta = json.loads((src / "samples.json").read_text())
-    vq_model, vq_meta = load_vq(vq_checkpoint)
+    # a taming checkpoint needs the configured architecture; our own files carry theirs
+    vq_model = load_configured_vq(vq_section, vq_checkpoint)[0] if vq_section else load_vq(vq_checkpoint)[0]
     vq_model.to(dev).eval()
     vq_sha = file_sha256(vq_checkpoint)
     batch = int(render_cfg.get("batch_size", 64))

@@ -1,6 +1,7 @@
 """Slow: the whole DAG on the smoke config, then incrementality when a shard is added."""
 import json
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -42,6 +43,10 @@ def test_full_smoke_dag_and_incremental_shard(repo, tmp_path, fmnist_dir):
 
     again = run_snakemake("-n", workdir=work, configfile=_config(repo, tmp_path, 300))
     assert "Nothing to be done" in again.stdout + again.stderr
+    run_snakemake("--report", str(tmp_path / "report.zip"), workdir=work, configfile=_config(repo, tmp_path, 300))
+    with zipfile.ZipFile(tmp_path / "report.zip") as z:       # snakemake --report collects our outputs
+        names = z.namelist()
+    assert any(n.endswith("report.html") for n in names) and any(n.endswith("grid.png") for n in names)
     _check_torchrun_through_the_rule(repo, tmp_path, work, res)
 
     kinds = ("tokens", "vq_tokens")

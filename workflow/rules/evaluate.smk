@@ -19,7 +19,7 @@ rule reference:
         meta=f"results/{RUN}/eval/reference/reference.json",
     params:
         cfg=lambda wc: cli_json(evaluate=eval_settings("network", "reference_split", "n_reference"),
-                                encoder=encoder_settings()),
+                                encoder=view_settings()),
         out_dir=f"results/{RUN}/eval/reference",
     threads: TORCH_THREADS
     resources:

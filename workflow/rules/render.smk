@@ -36,7 +36,7 @@ rule train_vq:
         pt=f"results/{RUN}/vq/vq.pt",
         meta=f"results/{RUN}/vq/vq.json",
     params:
-        cfg=lambda wc: cli_json(vq=vq_settings(), encoder=encoder_settings()),
+        cfg=lambda wc: cli_json(vq=vq_settings(), encoder=view_settings()),
     threads: TORCH_THREADS
     resources:
         gpu=1,
@@ -56,7 +56,7 @@ rule vq_tokens:
         npy=f"results/{RUN}/vq_tokens/{{split}}-{{shard_id}}.npy",
         meta=f"results/{RUN}/vq_tokens/{{split}}-{{shard_id}}.json",
     params:
-        cfg=lambda wc: cli_json(vq=vq_settings(), encoder=encoder_settings()),
+        cfg=lambda wc: cli_json(vq=vq_settings(), encoder=view_settings()),
     threads: TORCH_THREADS
     resources:
         gpu=1,
@@ -101,7 +101,7 @@ rule render_digit:
                     category="Samples", subcategory="DiGIT", labels={"model": "DiGIT"}),
         meta=f"results/{RUN}/samples/digit/images.json",
     params:
-        cfg=lambda wc: cli_json(stage2={"sample": STAGE2["sample"]}),
+        cfg=lambda wc: cli_json(stage2={"sample": STAGE2["sample"]}, vq=vq_settings()),
         samples=f"results/{RUN}/samples/digit",
     threads: TORCH_THREADS
     resources:
@@ -123,6 +123,7 @@ rule render_vq:
                     category="Samples", subcategory="VQ baseline", labels={"model": "VQ baseline"}),
         meta=f"results/{RUN}/samples/vq/images.json",
     params:
+        cfg=lambda wc: cli_json(vq=vq_settings()),
         samples=f"results/{RUN}/samples/vq",
     threads: TORCH_THREADS
     resources:
@@ -130,5 +131,5 @@ rule render_vq:
     log:
         f"results/{RUN}/logs/render_vq.log",
     shell:
-        "{PY} -m pipeline render --json {RENDER_RUNTIME} --threads {threads} "
+        "{PY} -m pipeline render --json {params.cfg} --json {RENDER_RUNTIME} --threads {threads} "
         "--samples {params.samples} --vq {input.vq} 2>&1 | tee {log}"

@@ -18,6 +18,11 @@ def encoder_settings():
     return {k: config["encoder"][k] for k in ENCODER_OUTPUT_KEYS}
 
 
+def view_settings():
+    """How views are cut (all that the VQ tokenizer and the reference images depend on)."""
+    return {k: config["encoder"][k] for k in ("resize", "crop", "image_size", "mean", "std")}
+
+
 # Settings that do not change results: passed as a global so they never trigger reruns.
 ENCODER_RUNTIME = cli_json(encoder={k: config["encoder"][k] for k in ("batch_size", "num_workers", "device")})
 

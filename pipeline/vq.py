@@ -31,7 +31,8 @@ from .models.vqgan import VQGAN, VQGANConfig, load_taming_checkpoint, preset
 FORMAT = "digit-vq-v1"
 EPOCH_EVAL_IMAGES = 1000   # per-epoch PSNR on the first test images; the final figure uses all
 DEFAULTS = {"preset": "tiny", "model": {}, "epochs": 2, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.0,
-            "seed": 0, "max_images": 0, "loss": "l1", "reinit_dead_codes": True, "reinit_every": 50}
+            "seed": 0, "max_images": 0, "max_test_images": 0, "loss": "l1", "reinit_dead_codes": True,
+            "reinit_every": 50}
 
 
 def to_model_pixels(views_uint8: torch.Tensor) -> torch.Tensor:
@@ -108,6 +109,8 @@ def train_vq(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, vq_cfg
         train_images, train_keys = train_images[:cfg_in["max_images"]], train_keys[:cfg_in["max_images"]]
     train_size, test_size = _original_size(train_tars), _original_size(test_tars)
     test_views = cut_views(test_images, test_keys, 0, seed, spec, test_size)
+    if cfg_in["max_test_images"]:
+        test_views = test_views[:cfg_in["max_test_images"]]
 
     model = VQGAN(config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_in["lr"], weight_decay=cfg_in["weight_decay"])

@@ -1,4 +1,6 @@
-"""Sample stage: draw token grids from a trained stage-1 GPT (DiGIT step 8, the 50k samples for FID/IS).
+"""Sample stage: draw token grids from a trained stage-1 GPT (DiGIT step 8, the 50k samples for FID/IS),
+and render them into pixels (``render_stage``: stage 2 + the VQ decoder, or the VQ decoder alone for
+the VQ-token baseline; see its docstring).
 
 Layout of ``out_dir``::
 

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 def _config(repo, tmp_path, limit):
     cfg = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text())
     cfg["dataset"]["limit"] = limit
-    cfg["encoder"]["train"]["max_shards"] = 3
+    cfg["encoder"]["train"]["max_shards"] = 3   # the tokenizers train on fixed shards: a new shard
+    cfg["vq"]["train"]["max_shards"] = 3        # is tokenized, it does not retrain them
     path = tmp_path / f"smoke-{limit}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -18,7 +18,6 @@ PNG metadata stripped), so the same metrics.json renders to the same bytes.
 from __future__ import annotations
 
 import argparse
-import ast
 import base64
 import html
 import io
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .io import read_json, write_bytes_atomic
+from .metrics.stability_table import PAPER_TABLE1, SNRS_DB, pivot
 
 LABELS = {"digit": "DiGIT", "vq": "VQ baseline", "stage2": "Stage 2 (DiGIT → VQ)",
           "tokenizer": "VQ tokenizer", "encoder": "Encoder"}
@@ -465,19 +465,8 @@ def _tokenizer_training(m: Mapping, workdir: Path) -> str:
     return f'<div class="grid2">{"".join(panels)}</div>'
 
 
-def _paper_table1() -> tuple[list[float], dict] | None:
-    """The paper's Table 1 (SNRS_DB, PAPER_TABLE1) read from pipeline/metrics/stability.py's source
-    without importing it (that module imports torch, seconds of start-up for two constants)."""
-    try:
-        tree = ast.parse((Path(__file__).parent / "metrics" / "stability.py").read_text())
-        found = {}
-        for node in tree.body:
-            target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
-            if isinstance(target, ast.Name) and target.id in ("SNRS_DB", "PAPER_TABLE1") and node.value is not None:
-                found[target.id] = ast.literal_eval(node.value)
-        return [float(s) for s in found["SNRS_DB"]], found["PAPER_TABLE1"]
-    except Exception:  # noqa: BLE001 - a reference row is optional
-        return None
+def _paper_table1() -> tuple[list[float], dict]:
+    return [float(x) for x in SNRS_DB], PAPER_TABLE1
 
 
 def _snr(s: float) -> str:
@@ -489,16 +478,7 @@ def _stability(m: Mapping) -> str:
     rows = st.get("rows") or []
     if not rows:
         return _na("no stability rows in metrics.json")
-    snrs = [float(s) for s in (st.get("snrs") or [])]
-    names: list[str] = []
-    cells = {}
-    for r in rows:
-        s = float(r["snr_db"])
-        if s not in snrs:
-            snrs.append(s)
-        if r["tokenizer"] not in names:
-            names.append(r["tokenizer"])
-        cells[(r["tokenizer"], s)] = r
+    snrs, names, cells = pivot(rows, st.get("snrs") or [])
     names = [n for n in ("digit", "vq") if n in names] + [n for n in names if n not in ("digit", "vq")]
     paper = _paper_table1()
     if paper is not None and [round(s, 6) for s in paper[0]] != [round(s, 6) for s in snrs]:

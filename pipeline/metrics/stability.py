@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SNRS_DB: tuple[float, ...] = (30, 25, 20, 15, 10, 5, 1, 0.01)
+from .stability_table import LABELS, PAPER_TABLE1, SNRS_DB, format_table  # noqa: F401 (re-exported)
 
 NOISE_DEFINITION = {
     "space": "pixels in [-1, 1] (uint8 / 127.5 - 1), the crop-sized view; the same noisy image goes to "
@@ -76,16 +76,6 @@ METRIC_DEFINITION = {
               "clamped to [-1, 1], not at 0",
 }
 
-# The paper's Table 1 (ImageNet; DINOv2 + k-means "Disc" tokens vs VQGAN tokens), for comparison
-# in reports. Columns are SNRS_DB.
-PAPER_TABLE1 = {
-    "vq": {"change_rate": [0.187, 0.317, 0.487, 0.663, 0.805, 0.901, 0.948, 0.956],
-           "cosine": [0.972, 0.949, 0.910, 0.853, 0.777, 0.682, 0.594, 0.571]},
-    "digit": {"change_rate": [0.114, 0.178, 0.260, 0.355, 0.457, 0.570, 0.687, 0.721],
-              "cosine": [0.975, 0.960, 0.940, 0.916, 0.888, 0.855, 0.816, 0.803]},
-}
-
-LABELS = {"digit": "DiGIT", "vq": "VQ"}
 
 
 # ---------------------------------------------------------------------------------------- noise
@@ -256,36 +246,6 @@ def stability_table(images_uint8: torch.Tensor, tokenizers: Mapping[str, Tokeniz
                          "measured_snr_db": (10.0 * math.log10(p_signal / p_noise[j]) if p_noise[j] > 0 else math.inf),
                          "positions": int(m), "images": n})
     return rows
-
-
-def _snr_label(s: float) -> str:
-    return f"{s:g}"
-
-
-def format_table(rows: Sequence[dict], digits: int = 3) -> str:
-    """A plain-text (Markdown pipe) table laid out like the paper's Table 1: SNR (dB) as columns;
-    one "token change" row per tokenizer, then one "cos-sim" row per tokenizer."""
-    snrs: list[float] = []
-    names: list[str] = []
-    cells: dict[tuple[str, float], dict] = {}
-    for r in rows:
-        s = float(r["snr_db"])
-        if s not in snrs:
-            snrs.append(s)
-        if r["tokenizer"] not in names:
-            names.append(r["tokenizer"])
-        cells[(r["tokenizer"], s)] = r
-    body = [["SNR (dB)", *(_snr_label(s) for s in snrs)]]
-    for metric, label in (("change_rate", "token change (lower: more stable)"),
-                          ("cosine", "token cos-sim (higher: more stable)")):
-        for name in names:
-            vals = [f"{cells[(name, s)][metric]:.{digits}f}" if (name, s) in cells else "-" for s in snrs]
-            body.append([f"{LABELS.get(name, name)} {label}", *vals])
-    widths = [max(len(row[i]) for row in body) for i in range(len(body[0]))]
-    fmt = lambda row: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                        for i, (c, w) in enumerate(zip(row, widths))) + " |"
-    sep = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
-    return "\n".join([fmt(body[0]), sep, *(fmt(r) for r in body[1:])])
 
 
 # ------------------------------------------------------------------------------------------ stage

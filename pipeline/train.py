@@ -407,7 +407,9 @@ def _train(cfg, token_files, context_files, out: Path, device, rank, world, mast
         ck = _load_ckpt(last, device)
         same_files = [(f["size"], f["sha256"]) for f in ck.get("token_files", [])] == \
                      [(f["size"], f["sha256"]) for f in file_ids]
-        if ck.get("format") == CKPT_FORMAT and _resume_key(ck["train_cfg"]) == _resume_key(cfg) and same_files:
+        beyond = int(ck.get("step", 0)) > total_steps   # trained past a now smaller `steps`: start over
+        if ck.get("format") == CKPT_FORMAT and _resume_key(ck["train_cfg"]) == _resume_key(cfg) and same_files \
+                and not beyond:
             raw.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
@@ -420,7 +422,7 @@ def _train(cfg, token_files, context_files, out: Path, device, rank, world, mast
             if master:
                 print(f"[train] resuming from {last} at step {step}", file=sys.stderr, flush=True)
         elif master:
-            print(f"[train] {last} does not match this config/data: starting fresh", file=sys.stderr, flush=True)
+            print(f"[train] {last} does not match this config/data (or is past train.steps): starting fresh", file=sys.stderr, flush=True)
         del ck
     out.mkdir(parents=True, exist_ok=True)
 

@@ -123,6 +123,10 @@ def test_changed_config_starts_fresh(tokens, tmp_path):
     # ... a different lr does not
     train_stage1(cfg(steps=2, lr=1e-3), tokens, str(out), progress=False)
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # ... and a checkpoint past a smaller `steps` is not taken as finished
+    train_stage1(cfg(steps=4, lr=1e-3), tokens, str(out), progress=False)
+    s = train_stage1(cfg(steps=3, lr=1e-3), tokens, str(out), progress=False)
+    assert s["steps"] == 3 and torch.load(out / "final.pt", weights_only=True)["step"] == 3
 
 
 def test_nan_stops_without_checkpointing_bad_step(tokens, tmp_path, monkeypatch):

@@ -428,11 +428,8 @@ def _tokenizer_training(m: Mapping, workdir: Path) -> str:
         psnr_key = next((k for k in ("test_psnr_first_1000", "test_psnr") if any(k in h for h in hist)), None)
         handles, labels = ax.get_legend_handles_labels()
         if psnr_key:
-            ax2 = ax.twinx()
-            ax2.spines["top"].set_visible(False)
-            ax2.plot(ep, [h.get(psnr_key) for h in hist], "^-", color="#d1495b", lw=1.6, ms=3, label="test PSNR")
-            ax2.set_ylabel("test PSNR (dB)", color="#d1495b")
-            h2, l2 = ax2.get_legend_handles_labels()
+            h2, l2 = _second_axis(ax, ep, [h.get(psnr_key) for h in hist], "^-", "#d1495b", 1.6, "test PSNR",
+                                  "test PSNR (dB)", label_color="#d1495b")
             handles, labels = handles + h2, labels + l2
         _legend_above(fig, handles, labels)
         body = _plot_img(fig, "VQ tokenizer training")
@@ -450,12 +447,8 @@ def _tokenizer_training(m: Mapping, workdir: Path) -> str:
         ax.set_ylabel("test accuracy", color="#2e9e5b")
         handles, labels = ax.get_legend_handles_labels()
         if any("train_loss" in h for h in hist):
-            ax2 = ax.twinx()
-            ax2.spines["top"].set_visible(False)
-            ax2.plot(ep, [h.get("train_loss") for h in hist], "s--", color="#7f7f7f", lw=1.2, ms=3,
-                     label="train loss")
-            ax2.set_ylabel("train loss")
-            h2, l2 = ax2.get_legend_handles_labels()
+            h2, l2 = _second_axis(ax, ep, [h.get("train_loss") for h in hist], "s--", "#7f7f7f", 1.2, "train loss",
+                                  "train loss")
             handles, labels = handles + h2, labels + l2
         _legend_above(fig, handles, labels)
         body = _plot_img(fig, "encoder training")
@@ -463,6 +456,18 @@ def _tokenizer_training(m: Mapping, workdir: Path) -> str:
         body = _na(str(exc))
     panels.append(f'<div class="panel plot"><h3>Encoder training</h3>{body}</div>')
     return f'<div class="grid2">{"".join(panels)}</div>'
+
+
+def _second_axis(ax, x, ys, style: str, color: str, lw: float, label: str, ylabel: str, label_color=None):
+    """Plot ``ys`` on a right-hand y axis; returns its legend handles and labels."""
+    ax2 = ax.twinx()
+    ax2.spines["top"].set_visible(False)
+    ax2.plot(x, ys, style, color=color, lw=lw, ms=3, label=label)
+    if label_color:
+        ax2.set_ylabel(ylabel, color=label_color)
+    else:
+        ax2.set_ylabel(ylabel)
+    return ax2.get_legend_handles_labels()
 
 
 def _paper_table1() -> tuple[list[float], dict]:

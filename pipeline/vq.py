@@ -77,7 +77,8 @@ def evaluate_vq(model: VQGAN, views_uint8: torch.Tensor, batch_size: int = 256) 
 
 @torch.no_grad()
 def _reinit_dead_codes(model: VQGAN, used: torch.Tensor, latents: torch.Tensor, gen: torch.Generator) -> int:
-    """Replace codebook rows never selected this epoch with random encoder outputs (+ small noise)."""
+    """Replace codebook rows not in ``used`` (none selected since the last refresh) with random
+    encoder outputs (+ small noise)."""
     dead = (~used).nonzero().flatten()
     if len(dead) == 0 or len(latents) == 0:
         return 0

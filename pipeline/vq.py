@@ -47,9 +47,11 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_uint8(model: VQGAN, views_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """uint8 (N,3,H,W) -> token ids (N,h,w) long."""
+    """uint8 (N,3,H,W) -> token ids (N,h,w) long, on the CPU (the model may sit on a GPU)."""
     model.eval()
-    out = [model.encode(to_model_pixels(views_uint8[s:s + batch_size]))[1] for s in range(0, len(views_uint8), batch_size)]
+    device = next(model.parameters()).device
+    out = [model.encode(to_model_pixels(views_uint8[s:s + batch_size].to(device)))[1].cpu()
+           for s in range(0, len(views_uint8), batch_size)]
     return torch.cat(out) if out else torch.zeros((0, model.grid_size, model.grid_size), dtype=torch.long)
 
 

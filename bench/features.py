@@ -10,7 +10,6 @@ Both run on the same shard in the same process; the ratio is what counts (the ma
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -21,19 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import validate_config  # noqa: E402
+from bench.common import SPEC, encoder_bench_parser, make_shard, random_dinov2_file  # noqa: E402
 from pipeline.data import ShardViews, ViewSpec, crop_view, encoder_input, index_shard, read_image, to_tensor, view_params  # noqa: E402
-from pipeline.encode import autocast_for, resolve_device  # noqa: E402
-from pipeline.encoders import build_random_dinov2, load_encoder, save_official_checkpoint  # noqa: E402
+from pipeline.devices import autocast_for, resolve_device  # noqa: E402
+from pipeline.encoder_loading import load_encoder  # noqa: E402
 from pipeline.features import extract_features  # noqa: E402
-from pipeline.shards import build_shards  # noqa: E402
-
-
-def make_shard(tmp: Path, images: int, fmnist: str) -> Path:
-    cfg = validate_config({"dataset": {"name": "bench", "source": "fashion_mnist", "path": fmnist, "limit": images,
-                                       "splits": ["test"]}, "shards": {"samples_per_shard": images, "workers": 1}})
-    build_shards(cfg["dataset"], cfg["shards"], out_root=tmp, progress=False)
-    return tmp / "bench" / "test-000000.tar"
 
 
 @torch.inference_mode()
@@ -73,22 +64,17 @@ def pipeline_rate(tar, out, arch, ckpt, spec, batch_size, workers, device, preci
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="dinov2_vitb14_reg4")
-    ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=2)
+    ap = encoder_bench_parser(__doc__)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--repeat", type=int, default=2, help="alternate baseline/pipeline runs; best of each")
-    ap.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist")
     args = ap.parse_args()
     device = resolve_device(args.device)
-    spec = ViewSpec(resize=256, crop=256, image_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    spec = SPEC
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tar = make_shard(tmp, args.images, args.fmnist)
-        ckpt = save_official_checkpoint(build_random_dinov2(args.arch, seed=0), tmp / f"{args.arch}.pth")
+        ckpt = random_dinov2_file(tmp, args.arch)
         base, ours = [], []
         for r in range(args.repeat):
             base.append(baseline(tar, args.arch, ckpt, spec, args.batch_size, device, args.precision))

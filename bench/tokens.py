@@ -9,7 +9,6 @@ Centroids: K patch vectors drawn from the fp32 features (no faiss needed).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -20,29 +19,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.features import make_shard  # noqa: E402
-from pipeline.data import ShardViews, ViewSpec, encoder_input  # noqa: E402
-from pipeline.encode import autocast_for, resolve_device  # noqa: E402
-from pipeline.encoders import build_random_dinov2, load_encoder, save_official_checkpoint  # noqa: E402
+from bench.common import SPEC, encoder_bench_parser, make_shard, random_dinov2_file  # noqa: E402
+from pipeline.data import ShardViews, encoder_input  # noqa: E402
+from pipeline.devices import autocast_for, resolve_device  # noqa: E402
+from pipeline.encoder_loading import load_encoder  # noqa: E402
 from pipeline.tokens import tokenize_shard  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="dinov2_vitb14_reg4")
-    ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=2)
+    ap = encoder_bench_parser(__doc__)
     ap.add_argument("--views", type=int, default=1)
     ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist")
     args = ap.parse_args()
     device = resolve_device("auto")
-    spec = ViewSpec(resize=256, crop=256, image_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    spec = SPEC
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tar = make_shard(tmp, args.images, args.fmnist)
-        ckpt = save_official_checkpoint(build_random_dinov2(args.arch, seed=0), tmp / f"{args.arch}.pth")
+        ckpt = random_dinov2_file(tmp, args.arch)
         enc = load_encoder(args.arch, ckpt, layer=3).to(device)
         views = torch.stack([ShardViews([tar], spec)[i][0][0] for i in range(min(256, args.images))]).to(device)
         with torch.inference_mode():

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.encode import resolve_device  # noqa: E402
+from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.models.gpt import GPT, GPTConfig  # noqa: E402
 
 

@@ -87,26 +87,8 @@ def _view_spec(config: dict):
     return ViewSpec.from_config(config["encoder"])
 
 
-def load_configured_encoder(config: dict, encoder_path: str | None):
-    """The frozen encoder the config asks for: the tiny trained one or DINOv2 weights on disk."""
-    from .encoders import load_encoder
-    enc = config["encoder"]
-    if enc["train"] is not None:
-        from .encoder_train import BASE_MODEL
-        if not encoder_path:
-            raise ConfigError("encoder.train is set: pass --encoder with the trained encoder file")
-        arch, checkpoint = f"timm:{BASE_MODEL}", encoder_path
-    else:
-        if enc["checkpoint"] is None:
-            raise ConfigError("config key 'encoder.checkpoint' is null and 'encoder.train' is not set: point "
-                              "encoder.checkpoint at local DINOv2 weights (e.g. dinov2_vitb14_reg4_pretrain.pth) "
-                              "or set encoder.train to train the tiny encoder")
-        arch, checkpoint = enc["arch"], encoder_path or enc["checkpoint"]
-    return load_encoder(arch, checkpoint, enc["layer"], enc["image_size"])
-
-
 def cmd_train_encoder(args) -> int:
-    from .encoder_train import train_encoder
+    from .tiny_encoder import train_encoder
     config = resolve_config(args)
     _set_threads(args)
     enc = config["encoder"]
@@ -129,7 +111,8 @@ def _labels_of(tar_paths) -> list[int]:
 
 
 def cmd_features(args) -> int:
-    from .encoders import encoder_info
+    from .encoder_loading import load_configured_encoder
+    from .models.patch_encoder import encoder_info
     from .features import extract_features
     config = resolve_config(args)
     _set_threads(args)
@@ -156,7 +139,8 @@ def cmd_kmeans(args) -> int:
 
 def cmd_tokens(args) -> int:
     import numpy as np
-    from .encoders import encoder_info
+    from .encoder_loading import load_configured_encoder
+    from .models.patch_encoder import encoder_info
     from .io import file_sha256
     from .tokens import tokenize_shard
     config = resolve_config(args)
@@ -196,7 +180,7 @@ def cmd_vq_tokens(args) -> int:
     from .vq import load_configured_vq, vq_tokenize_shard
     config = resolve_config(args)
     _set_threads(args)
-    from .encode import resolve_device
+    from .devices import resolve_device
     model, _, path = load_configured_vq(config["vq"], args.vq)
     model.to(resolve_device(config["vq"]["device"]))
     vq_tokenize_shard(args.shard, args.digit_tokens, args.out, model, _view_spec(config),
@@ -239,7 +223,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from .metrics.probe import probe_stage
+    from .probe import probe_stage
     config = resolve_config(args)
     _set_threads(args)
     probe_stage(args.checkpoint, sorted(args.train), sorted(args.test), args.out, config["probe"],
@@ -264,7 +248,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_stability(args) -> int:
-    from .metrics.stability import stability_stage
+    from .stability import stability_stage
     config = resolve_config(args)
     _set_threads(args)
     ev = config["evaluate"]
@@ -291,7 +275,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import format_summary, summarise
+    from .artifacts import format_summary, summarise
     summary = summarise(args.path)
     print(json.dumps(summary, indent=2) if args.as_json else format_summary(summary))
     return 0

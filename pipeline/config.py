@@ -1,4 +1,4 @@
-"""Load and validate the pipeline configuration against workflow/schemas/config.schema.yaml.
+"""Load and validate the pipeline configuration against pipeline/schemas/config.schema.yaml.
 
 Both the Snakefile and the command line go through `validate_config`, so a typo in a key or a
 value of the wrong type stops every entry point with the same message naming the key.
@@ -14,8 +14,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
+DEFAULT_CONFIG = "configs/default.yaml"   # relative to the working directory, like every path
 
 
 class ConfigError(ValueError):
@@ -82,12 +82,33 @@ def set_key(config: dict, dotted: str, value: str) -> None:
     node[parts[-1]] = yaml.safe_load(value)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
+def deep_update(base: dict, extra: dict) -> dict:
+    """Merge ``extra`` into ``base`` (in place), section by section."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[str] | None = None, *,
+                fragments: list[str] | None = None) -> dict:
+    """The one configuration loader: a YAML file, then JSON fragments (how Snakemake rules pass the
+    sections a stage depends on), then ``key.sub=value`` overrides; validated, defaults filled in.
+    ``path=None`` starts from an empty config (the fragments say everything)."""
+    config: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    for fragment in fragments or []:
+        try:
+            deep_update(config, json.loads(fragment))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--json is not valid JSON: {exc}") from None
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,11 @@ class ViewSpec:
     @classmethod
     def from_config(cls, enc: dict) -> "ViewSpec":
         return cls(enc["resize"], enc["crop"], enc["image_size"], tuple(enc["mean"]), tuple(enc["std"]))
+
+    def to_dict(self) -> dict:
+        """JSON-friendly, in the order the stages record it."""
+        return {"resize": self.resize, "crop": self.crop, "image_size": self.image_size,
+                "mean": list(self.mean), "std": list(self.std)}
 
 
 # ---------------------------------------------------------------- shard index
@@ -174,3 +180,44 @@ class ShardViews(torch.utils.data.Dataset):
         params = [view_params(self.seed, sample.key, v, img.width, img.height, self.spec) for v in self.views]
         crops = torch.stack([to_tensor(crop_view(img, p, self.spec)) for p in params])
         return crops, sample.label, i, torch.tensor(params, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------- in-memory views (the small trainers)
+
+def original_size(tar_paths) -> tuple[int, int]:
+    """Size of the first image (all images share it, see `load_resized_images`)."""
+    return read_image(tar_paths[0], index_shard(tar_paths[0])[0]).size
+
+
+def load_resized_images(tar_paths, spec: ViewSpec) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Decode every image once, resized (shorter side = spec.resize); tiny datasets only.
+
+    Returns uint8 (N, H, W, 3), keys, labels. Views are then cut by slicing, with the same
+    seeded crop parameters as the tokens stage (`view_params`), so no image is decoded twice.
+    """
+    from tqdm import tqdm
+
+    data = ShardViews(tar_paths, spec)
+    images, size = [], None
+    for path, sample in tqdm(data.entries, desc="decode", unit="img", file=sys.stderr, mininterval=2):
+        img = read_image(path, sample)
+        img = img.resize(resized_size(img.width, img.height, spec.resize), Image.BICUBIC)
+        if size is not None and img.size != size:
+            raise ValueError(f"the tiny encoder trainer needs images of one size; {sample.key} is {img.size}, "
+                             f"others {size}")
+        size = img.size
+        images.append(np.asarray(img, dtype=np.uint8))
+    return np.stack(images), data.keys, np.asarray(data.labels, dtype=np.int64)
+
+
+def cut_views(images: np.ndarray, keys: list[str], view: int, seed: int, spec: ViewSpec,
+              sizes: tuple[int, int]) -> torch.Tensor:
+    """uint8 (N,3,crop,crop): view `view` of every image (view 0 = centre crop); `sizes` is the
+    images' size before resizing (`original_size`), which the crop parameters depend on."""
+    c = spec.crop
+    out = np.empty((len(images), c, c, 3), dtype=np.uint8)
+    for i, key in enumerate(keys):
+        left, top, flip = view_params(seed, key, view, sizes[0], sizes[1], spec)
+        crop = images[i, top:top + c, left:left + c]
+        out[i] = crop[:, ::-1] if flip else crop
+    return torch.from_numpy(out).permute(0, 3, 1, 2)

@@ -6,7 +6,7 @@
                                                       FID (and IS where the network has logits),
                                                       precision/recall of one sample set
     metrics_stage(config, inputs, out_json)           every figure + provenance -> metrics.json
-                                                      (validated against workflow/schemas/metrics.schema.yaml)
+                                                      (validated against pipeline/schemas/metrics.schema.yaml)
 
 Reference images are the view-0 crops (resize shorter side, centre crop: the pixels the VQGAN
 renders) of the first ``n_reference`` images of the reference split (all with 0). FID uses the
@@ -26,17 +26,19 @@ import numpy as np
 
 from .config import config_hash
 from .data import ViewSpec, centre_views
-from .encode import resolve_device
+from .devices import resolve_device
+from .feature_network import FeatureNet, load_feature_network
+from .fid_stats import load_stats, save_stats
 from .io import file_sha256, read_json, write_json_atomic, write_npy_atomic
 from .metrics import fid
 
 METRICS_FORMAT = "digit-metrics-v1"
-METRICS_SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "metrics.schema.yaml"
+METRICS_SCHEMA = Path(__file__).resolve().parent / "schemas" / "metrics.schema.yaml"
 
 
-def _network(config: dict) -> fid.FeatureNet:
+def _network(config: dict) -> FeatureNet:
     ev = config["evaluate"]
-    return fid.load_feature_network(ev["network"], resolve_device(ev["device"]))
+    return load_feature_network(ev["network"], resolve_device(ev["device"]))
 
 
 def reference_stage(config: dict, tars: list[str], out_dir: str, *, progress: bool = True) -> dict:
@@ -48,7 +50,7 @@ def reference_stage(config: dict, tars: list[str], out_dir: str, *, progress: bo
     images = views.permute(0, 2, 3, 1).numpy()
     feats, _ = net.extract(images, int(ev["batch_size"]), progress, desc="inception reference")
     mu, sigma = fid.activation_statistics(feats)
-    fid.save_stats(out / "stats.npz", mu, sigma, len(feats), net.id)
+    save_stats(out / "stats.npz", mu, sigma, len(feats), net.id)
     write_npy_atomic(out / "features.npy", feats.astype(np.float32))
     keys = hashlib.sha256("\n".join(f"{w['shard']}/{w['key']}" for w in where).encode()).hexdigest()
     meta = {"stage": "reference", "split": ev["reference_split"], "n": len(feats),
@@ -62,29 +64,41 @@ def reference_stage(config: dict, tars: list[str], out_dir: str, *, progress: bo
     return meta
 
 
+def _checked_reference(ref_dir: Path, net: FeatureNet) -> dict:
+    """reference.json of ``ref_dir``, whose features must come from the configured network."""
+    ref_meta = read_json(ref_dir / "reference.json")
+    if ref_meta["feature_network"] != net.id:
+        raise ValueError(f"{ref_dir}: reference features come from {ref_meta['feature_network']}, "
+                         f"not the configured {net.id}; rerun the reference stage")
+    return ref_meta
+
+
+def _sample_images(images_npz: str, ref_meta: dict) -> np.ndarray:
+    """The rendered images, which must have the reference images' size."""
+    with np.load(images_npz) as z:
+        images = z["images"]
+    if images.shape[1:3] != tuple(ref_meta["image_size"]):
+        raise ValueError(f"{images_npz}: images are {images.shape[1:3]}, the reference images "
+                         f"{tuple(ref_meta['image_size'])}")
+    return images
+
+
+def _fid_reference(ev: dict, ref_dir: Path) -> tuple[dict, str]:
+    """(statistics, path) FID compares against: the user's file when set, else the reference stage's."""
+    path = ev["reference_stats"] or str(ref_dir / "stats.npz")
+    return load_stats(path), path
+
+
 def score_stage(config: dict, images_npz: str, reference_dir: str, out_json: str, *, progress: bool = True) -> dict:
     """FID / IS / precision-recall of the images in ``images_npz`` against the reference."""
     ev = config["evaluate"]
     t0 = time.time()
     net = _network(config)
     ref_dir = Path(reference_dir)
-    ref_meta = read_json(ref_dir / "reference.json")
-    if ref_meta["feature_network"] != net.id:
-        raise ValueError(f"{ref_dir}: reference features come from {ref_meta['feature_network']}, "
-                         f"not the configured {net.id}; rerun the reference stage")
-    with np.load(images_npz) as z:
-        images = z["images"]
-    if images.shape[1:3] != tuple(ref_meta["image_size"]):
-        raise ValueError(f"{images_npz}: images are {images.shape[1:3]}, the reference images "
-                         f"{tuple(ref_meta['image_size'])}")
+    images = _sample_images(images_npz, _checked_reference(ref_dir, net))
     feats, logits = net.extract(images, int(ev["batch_size"]), progress, desc=f"inception {Path(images_npz).parent.name}")
     mu, sigma = fid.activation_statistics(feats)
-    if ev["reference_stats"]:
-        ref = fid.load_stats(ev["reference_stats"])
-        ref_stats_path = ev["reference_stats"]
-    else:
-        ref = fid.load_stats(ref_dir / "stats.npz")
-        ref_stats_path = str(ref_dir / "stats.npz")
+    ref, ref_stats_path = _fid_reference(ev, ref_dir)
     fid_value = fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     real = np.load(ref_dir / "features.npy")
     precision, recall = fid.precision_recall(real, feats, k=int(ev["pr_k"]))
@@ -147,6 +161,43 @@ def _generation_figures(model: str, score: dict, samples: dict, base: dict) -> l
     return figs
 
 
+def _probe_entry(p: dict, base: dict, source: str) -> dict:
+    """tables.probe.{model}: per-layer accuracies, the best layer, chance and provenance."""
+    return {"layers": p["per_layer"], "best_layer": int(p["best_layer"]),
+            "best_top1": float(p["best_test_acc"]), "chance": p.get("chance"),
+            "provenance": {**base, "checkpoint_sha256": p.get("checkpoint_sha256"), "source": source}}
+
+
+def _tokenizer_figures(inputs: dict, base: dict) -> list[dict]:
+    """VQ reconstruction PSNR and encoder accuracy, for the artifacts that are given."""
+    figures = []
+    if inputs.get("vq"):
+        v = read_json(inputs["vq"])
+        figures.append(_figure("vq_psnr/tokenizer", "vq_psnr", "tokenizer", v.get("test_psnr"), base,
+                               v.get("test_images"), vq_checkpoint_sha256=v.get("sha256"), source=inputs["vq"]))
+    if inputs.get("encoder"):
+        e = read_json(inputs["encoder"])
+        figures.append(_figure("encoder_accuracy/tokenizer", "encoder_accuracy", "tokenizer",
+                               e.get("test_accuracy"), base, e.get("test_images"),
+                               checkpoint_sha256=e.get("sha256"), source=inputs["encoder"]))
+    return figures
+
+
+def _stability_entry(st: dict, base: dict, source: str) -> dict:
+    """tables.stability: the SNR columns, the rows and how they were measured."""
+    return {"snrs": st["snr_db"], "rows": [{k: r[k] for k in ("tokenizer", "snr_db", "change_rate", "cosine")}
+                                            for r in st["rows"]],
+            "provenance": {**base, "n_images": st["n_images"], "seed": st["seed"], "noise": st["noise"],
+                           "tokenizers": st["tokenizers"], "source": source}}
+
+
+def _artifacts(run: str, inputs: dict) -> dict:
+    """The files report.html reads, relative to the working directory."""
+    return {"grids": {m: f"results/{run}/samples/{m}/grid.png" for m in ("digit", "vq")},
+            "training": {m: f"results/{run}/checkpoints/{m}/metrics.jsonl" for m in ("digit", "vq", "stage2")},
+            "vq_history": inputs.get("vq"), "encoder": inputs.get("encoder")}
+
+
 def metrics_stage(config: dict, inputs: dict, out_json: str) -> dict:
     """Gather every figure of the run into metrics.json. ``inputs`` maps names to artifact paths:
     score_{model}, samples_{model}, probe_{model}, train_{model} (train.json) for model in digit/vq,
@@ -159,10 +210,7 @@ def metrics_stage(config: dict, inputs: dict, out_json: str) -> dict:
         score, samples = read_json(inputs[f"score_{model}"]), read_json(inputs[f"samples_{model}"])
         figures += _generation_figures(model, score, samples, base)
         p = read_json(inputs[f"probe_{model}"])
-        probe[model] = {"layers": p["per_layer"], "best_layer": int(p["best_layer"]),
-                        "best_top1": float(p["best_test_acc"]), "chance": p.get("chance"),
-                        "provenance": {**base, "checkpoint_sha256": p.get("checkpoint_sha256"),
-                                       "source": inputs[f"probe_{model}"]}}
+        probe[model] = _probe_entry(p, base, inputs[f"probe_{model}"])
         figures.append(_figure(f"probe_top1/{model}", "probe_top1", model, p["best_test_acc"], base,
                                p.get("n_test"), checkpoint_sha256=p.get("checkpoint_sha256"),
                                source=inputs[f"probe_{model}"]))
@@ -170,28 +218,13 @@ def metrics_stage(config: dict, inputs: dict, out_json: str) -> dict:
         t = read_json(inputs[f"train_{model}"])
         figures.append(_figure(f"final_loss/{model}", "final_loss", model, t.get("final_loss"), base, None,
                                checkpoint_sha256=t.get("checkpoint_sha256"), source=inputs[f"train_{model}"]))
-    if inputs.get("vq"):
-        v = read_json(inputs["vq"])
-        figures.append(_figure("vq_psnr/tokenizer", "vq_psnr", "tokenizer", v.get("test_psnr"), base,
-                               v.get("test_images"), vq_checkpoint_sha256=v.get("sha256"), source=inputs["vq"]))
-    if inputs.get("encoder"):
-        e = read_json(inputs["encoder"])
-        figures.append(_figure("encoder_accuracy/tokenizer", "encoder_accuracy", "tokenizer",
-                               e.get("test_accuracy"), base, e.get("test_images"),
-                               checkpoint_sha256=e.get("sha256"), source=inputs["encoder"]))
-    st = read_json(inputs["stability"])
-    stability = {"snrs": st["snr_db"], "rows": [{k: r[k] for k in ("tokenizer", "snr_db", "change_rate", "cosine")}
-                                                 for r in st["rows"]],
-                 "provenance": {**base, "n_images": st["n_images"], "seed": st["seed"], "noise": st["noise"],
-                                "tokenizers": st["tokenizers"], "source": inputs["stability"]}}
+    figures += _tokenizer_figures(inputs, base)
+    stability = _stability_entry(read_json(inputs["stability"]), base, inputs["stability"])
     run = config["run"]
     metrics = {"format": METRICS_FORMAT, "run": run, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "git_commit": commit, "git_dirty": dirty, "config_hash": chash, "config": config,
                "figures": figures, "tables": {"stability": stability, "probe": probe, "sweep": None},
-               "artifacts": {"grids": {m: f"results/{run}/samples/{m}/grid.png" for m in ("digit", "vq")},
-                             "training": {m: f"results/{run}/checkpoints/{m}/metrics.jsonl"
-                                          for m in ("digit", "vq", "stage2")},
-                             "vq_history": inputs.get("vq"), "encoder": inputs.get("encoder")}}
+               "artifacts": _artifacts(run, inputs)}
     validate_metrics(metrics)
     write_json_atomic(out_json, metrics)
     return metrics

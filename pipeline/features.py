@@ -13,8 +13,9 @@ from pathlib import Path
 import zarr
 
 from .data import ShardViews, ViewSpec
-from .encode import encode_shard_views, resolve_device
+from .devices import resolve_device
 from .io import atomic_path, file_sha256
+from .shard_encoding import encode_shard_views
 
 
 def extract_features(tar_path: str | Path, out_path: str | Path, encoder, spec: ViewSpec, *, batch_size: int = 256,

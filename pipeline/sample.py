@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .encode import resolve_device
+from .devices import resolve_device
 from .io import file_sha256, write_bytes_atomic, write_json_atomic, write_npy_atomic
 from .models.sampling import sample
 from .train import load_model

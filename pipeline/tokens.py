@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from .data import ShardViews, ViewSpec
-from .encode import encode_shard_views, resolve_device
+from .devices import resolve_device
 from .io import file_sha256, write_json_atomic, write_npy_atomic
+from .shard_encoding import encode_shard_views
 
 
 def token_dtype(k: int):
@@ -61,16 +62,27 @@ def tokenize_shard(tar_path: str | Path, out_npy: str | Path, encoder, centroids
         "crop_params": "per view: left, top, hflip in the image resized to `resize` (shorter side)",
         "views": views, "seed": seed, "codebook_size": int(k), "grid": [h, w],
         "shard": str(tar_path), "shard_sha256": file_sha256(tar_path),
-        "preprocessing": {"resize": spec.resize, "crop": spec.crop, "image_size": spec.image_size,
-                          "mean": list(spec.mean), "std": list(spec.std)},
+        "preprocessing": spec.to_dict(),
         "device": str(dev), "seconds": round(time.time() - t0, 3), **(provenance or {}),
     }
+    write_token_shard(out_npy, grids, meta)
+    return meta
+
+
+def write_token_shard(out_npy: str | Path, grids: np.ndarray, meta: dict) -> Path:
+    """Write token grids (N, V, h, w) to `out_npy` and `meta` next to it (`.json`), both atomically.
+
+    `meta` names the stage (`stage`), the image shard (`shard`) and the time taken (`seconds`), for
+    the one log line.
+    """
     out_npy = Path(out_npy)
     write_npy_atomic(out_npy, grids)
     write_json_atomic(out_npy.with_suffix(".json"), meta)
-    print(f"[tokens] {Path(tar_path).name}: {n} images x {views} views -> {out_npy} ({meta['seconds']} s)",
+    n, views = grids.shape[:2]
+    stage = meta["stage"].replace("_", " ")
+    print(f"[{stage}] {Path(meta['shard']).name}: {n} images x {views} views -> {out_npy} ({meta['seconds']} s)",
           file=sys.stderr)
-    return meta
+    return out_npy
 
 
 def load_tokens(npy_path: str | Path, mmap: bool = True) -> tuple[np.ndarray, dict]:

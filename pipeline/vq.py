@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import ViewSpec, crop_view, index_shard, read_image, to_tensor
-from .encoder_train import _original_size, cut_views, load_resized_images
-from .io import atomic_path, file_sha256, read_json, write_json_atomic, write_npy_atomic
-from .models.vqgan import VQGAN, VQGANConfig, load_taming_checkpoint, preset
+from .data import ViewSpec, crop_view, cut_views, index_shard, load_resized_images, original_size, read_image, to_tensor
+from .io import atomic_path, file_sha256, read_json, write_json_atomic
+from .models.vqgan import VQGAN, VQGANConfig, preset
+from .tokens import token_dtype, write_token_shard
+from .train_steps import optimizer_step, shuffled_batches, warmup_cosine
+from .vqgan_loading import load_taming_checkpoint
 
 FORMAT = "digit-vq-v1"
 EPOCH_EVAL_IMAGES = 1000   # per-epoch PSNR on the first test images; the final figure uses all
@@ -110,7 +112,7 @@ def train_vq(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, vq_cfg
     test_images, test_keys, _ = load_resized_images(test_tars, spec)
     if cfg_in["max_images"] and len(train_images) > cfg_in["max_images"]:
         train_images, train_keys = train_images[:cfg_in["max_images"]], train_keys[:cfg_in["max_images"]]
-    train_size, test_size = _original_size(train_tars), _original_size(test_tars)
+    train_size, test_size = original_size(train_tars), original_size(test_tars)
     test_views = cut_views(test_images, test_keys, 0, seed, spec, test_size)
     if cfg_in["max_test_images"]:
         test_views = test_views[:cfg_in["max_test_images"]]
@@ -119,9 +121,7 @@ def train_vq(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, vq_cfg
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_in["lr"], weight_decay=cfg_in["weight_decay"])
     bs, epochs, n = int(cfg_in["batch_size"]), int(cfg_in["epochs"]), len(train_images)
     total = max(1, epochs * math.ceil(n / bs))
-    warmup = max(1, int(0.03 * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / total)))))
+    sched = warmup_cosine(opt, total, 0.03, floor=0.1)
     rec_loss = F.l1_loss if cfg_in["loss"] == "l1" else F.mse_loss
     gen = torch.Generator().manual_seed(seed)
     history = []
@@ -130,24 +130,17 @@ def train_vq(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, vq_cfg
     for epoch in range(epochs):
         model.train()
         views = cut_views(train_images, train_keys, 1 + epoch, seed, spec, train_size)
-        order = torch.randperm(n, generator=gen)
         sums = {"rec": 0.0, "vq": 0.0}
         steps, reinit, codes_used = 0, 0, torch.zeros(config.n_embed, dtype=torch.bool)
-        for start in tqdm(range(0, n, bs), desc=f"vq epoch {epoch + 1}/{epochs}", disable=not progress,
-                          file=sys.stderr, mininterval=2):
-            x = to_model_pixels(views[order[start:start + bs]])
+        for _, batch in shuffled_batches(views, bs, gen, desc=f"vq epoch {epoch + 1}/{epochs}", progress=progress):
+            x = to_model_pixels(batch)
             z = model._latent(x)
             if global_step == 0 and cfg_in["reinit_dead_codes"]:   # codebook from encoder outputs
                 reinit += _reinit_dead_codes(model, used, _flat(z), gen)
             z_q, vq_loss, ids = model.quantize(z)
             recon = model._decode_latent(z_q)
             rl = rec_loss(recon, x)
-            loss = rl + vq_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(model, opt, sched, rl + vq_loss)
             used[ids.unique()] = True
             codes_used[ids.unique()] = True
             sums["rec"] += rl.item()
@@ -171,9 +164,7 @@ def train_vq(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, vq_cfg
             "train_images": n, "test_images": len(test_views), "grid": [model.grid_size, model.grid_size],
             "codebook_size": config.n_embed,
             "train_shards": [str(p) for p in train_tars], "test_shards": [str(p) for p in test_tars],
-            "view_spec": {"resize": spec.resize, "crop": spec.crop, "image_size": spec.image_size,
-                          "mean": list(spec.mean), "std": list(spec.std)},
-            "seconds": round(time.time() - t0, 1)}
+            "view_spec": spec.to_dict(), "seconds": round(time.time() - t0, 1)}
     save_vq(out_path, model, meta)
     print(f"[vq] test PSNR {final['psnr']:.2f} dB, codebook usage {final['codes_used']}/{config.n_embed} "
           f"-> {out_path}", file=sys.stderr)
@@ -224,19 +215,22 @@ def load_configured_vq(vq_section: dict, path: str | Path | None = None) -> tupl
     return model, meta, Path(path)
 
 
+def _first_mismatch(a: list, b: list) -> int:
+    """The first index where two lists differ (the shorter length if one extends the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def vq_tokenize_shard(tar_path: str | Path, token_json: str | Path, out_npy: str | Path, vq_model: VQGAN,
                       spec: ViewSpec, *, batch_size: int = 256, progress: bool = True,
                       vq_checkpoint: str | Path | None = None) -> dict:
     """VQ token grids (N, V, h, w) for exactly the crops recorded in a DiGIT token shard's `.json`."""
-    from .tokens import token_dtype
-
     tok = read_json(token_json)
     samples = index_shard(tar_path)
     keys = [s.key for s in samples]
     if keys != list(tok["keys"]):
         raise ValueError(f"{tar_path}: shard keys do not match {token_json} "
                          f"({len(keys)} vs {len(tok['keys'])} keys, first mismatch at "
-                         f"{next((i for i, (a, b) in enumerate(zip(keys, tok['keys'])) if a != b), min(len(keys), len(tok['keys'])))})")
+                         f"{_first_mismatch(keys, tok['keys'])})")
     crops = np.asarray(tok["crops"], dtype=np.int64)
     if crops.ndim != 3 or crops.shape[0] != len(keys) or crops.shape[2] != 3:
         raise ValueError(f"{token_json}: crops have shape {crops.shape}, expected ({len(keys)}, V, 3)")
@@ -264,9 +258,5 @@ def vq_tokenize_shard(tar_path: str | Path, token_json: str | Path, out_npy: str
             "digit_tokens": str(token_json), "shard": str(tar_path), "shard_sha256": file_sha256(tar_path),
             "preprocessing": {"resize": spec.resize, "crop": spec.crop, "pixels": "[-1, 1]"},
             "seconds": round(time.time() - t0, 3)}
-    out_npy = Path(out_npy)
-    write_npy_atomic(out_npy, grids)
-    write_json_atomic(out_npy.with_suffix(".json"), meta)
-    print(f"[vq tokens] {Path(tar_path).name}: {n} images x {v} views -> {out_npy} ({meta['seconds']} s)",
-          file=sys.stderr)
+    write_token_shard(out_npy, grids, meta)
     return meta

@@ -1,4 +1,5 @@
-"""FID / IS / precision-recall (pipeline.metrics.fid) and its CLI.
+"""FID / IS / precision-recall (pipeline.metrics.fid and the feature network, images and statistics
+files around it) and its CLI.
 
 Real-network tests use few images (the TF Inception runs at a few img/s on this CPU): 24 per set.
 """
@@ -13,7 +14,11 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+from pipeline import feature_network as NET
+from pipeline import fid_stats as STATS
+from pipeline import image_files as IMG
 from pipeline.metrics import fid as M
+from pipeline.models import inception as INC
 from pipeline.sources import read_idx
 
 N = 24
@@ -23,7 +28,7 @@ N = 24
 
 @pytest.fixture(scope="module")
 def net():
-    return M.load_feature_network()
+    return NET.load_feature_network()
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +102,11 @@ def _tf_legacy_resize_reference(x, size):
 @pytest.mark.parametrize("hw", [(28, 28), (64, 48), (512, 400)])
 def test_resize_is_tf1_legacy_bilinear(hw):
     x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(0)) * 255
-    ours = M.resize_tf_bilinear(x, 299)
+    ours = INC.resize_tf_bilinear(x, 299)
     assert ours.shape == (2, 3, 299, 299)
     # float64 reference vs our float32 (a half-pixel shift would give errors of ~10-100)
     assert (ours - _tf_legacy_resize_reference(x, 299)).abs().max() < 1e-3
-    assert torch.equal(M.resize_tf_bilinear(ours, 299), ours)   # 299 in: untouched
+    assert torch.equal(INC.resize_tf_bilinear(ours, 299), ours)   # 299 in: untouched
 
 
 def test_preprocess_range_layouts_and_grayscale():
@@ -109,15 +114,15 @@ def test_preprocess_range_layouts_and_grayscale():
     gray = rng.integers(0, 256, (3, 20, 20), dtype=np.uint8)
     gray[0] = 0
     gray[1] = 255
-    x = M.preprocess(gray)
+    x = INC.preprocess(gray)
     assert x.shape == (3, 3, 299, 299) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert float(x[0].min()) == -1.0 and float(x[1].max()) == 0.9921875    # x/128 - 1
     rgb = np.repeat(gray[..., None], 3, axis=-1)
     for variant in (gray[..., None], rgb, rgb.transpose(0, 3, 1, 2)):
-        assert torch.equal(M.preprocess(variant), x)
+        assert torch.equal(INC.preprocess(variant), x)
     with pytest.raises(TypeError, match="uint8"):
-        M.preprocess(gray.astype(np.float32))
+        INC.preprocess(gray.astype(np.float32))
 
 
 # ---------------------------------------------------------------- real network
@@ -127,11 +132,11 @@ def test_network_files_and_missing_weights(net, tmp_path):
     assert net.id.startswith("fid-helper:default_1.pt:sha256=") and not net.has_logits
     missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        M.load_feature_network(str(missing))
+        NET.load_feature_network(str(missing))
 
 
 def test_fid_fmnist_real_vs_noise(feats):
-    assert all(v.shape == (N, M.FEATURE_DIM) and v.dtype == np.float64 for v in feats.values())
+    assert all(v.shape == (N, INC.FEATURE_DIM) and v.dtype == np.float64 for v in feats.values())
     real = M.frechet_distance_features(feats["test"], feats["train"])
     noise = M.frechet_distance_features(feats["test"], feats["noise"])
     # Measured (first N test vs first N train images; FID is biased upwards at small N):
@@ -147,10 +152,10 @@ def test_precision_recall_real_features(feats):
     assert p <= 0.1 and r <= 0.1
 
 
-def _map_fid_helper_into(model: M.InceptionV3, ts) -> None:
+def _map_fid_helper_into(model: INC.InceptionV3, ts) -> None:
     """Copy the TorchScript network's conv/BN tensors (same graph order) into InceptionV3."""
     src = [m for _, m in ts.named_modules() if hasattr(m, "beta")]
-    dst = [m for m in model.modules() if isinstance(m, M._ConvBN)]
+    dst = [m for m in model.modules() if isinstance(m, INC._ConvBN)]
     assert len(src) == len(dst) == 94
     with torch.no_grad():
         for a, b in zip(src, dst):
@@ -165,26 +170,26 @@ def _map_fid_helper_into(model: M.InceptionV3, ts) -> None:
 def test_pth_network_matches_fid_helper_and_gives_is(net, images, feats, tmp_path):
     """The .pth route (our InceptionV3, pytorch-fid key names) computes the same features as the
     packaged TorchScript network when given the same weights; its logits give IS."""
-    model = M.InceptionV3()
+    model = INC.InceptionV3()
     _map_fid_helper_into(model, net.model())
     torch.nn.init.normal_(model.fc.weight, std=0.05)
     pth = tmp_path / "pt_inception-2015-12-05-test.pth"
     torch.save(model.state_dict(), pth)
-    pnet = M.load_feature_network(str(pth))
+    pnet = NET.load_feature_network(str(pth))
     assert pnet.has_logits and pnet.id.startswith("pt-inception:")
     f, lg = pnet.extract(images["test"][:3])
     np.testing.assert_allclose(f, feats["test"][:3], atol=1e-4)
-    assert lg.shape == (3, M.NUM_LOGITS)
+    assert lg.shape == (3, INC.NUM_LOGITS)
     np.testing.assert_allclose(lg, f @ model.fc.weight.detach().double().numpy().T, atol=1e-3)
-    res = M.is_of(images["test"][:3], pnet, splits=1)
+    res = STATS.is_of(images["test"][:3], pnet, splits=1)
     assert res["is"] == pytest.approx(M.inception_score(lg, splits=1)[0], rel=1e-4)
     assert 1.0 <= res["is"] <= 3.0   # at most the number of images in the split
     with pytest.raises(ValueError, match="no logits"):
-        M.is_of(images["test"][:3], net)
+        STATS.is_of(images["test"][:3], net)
     bad = tmp_path / "bad.pth"
     torch.save({"foo": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="bad.pth"):
-        M.load_feature_network(str(bad)).model()
+        NET.load_feature_network(str(bad)).model()
 
 
 # ---------------------------------------------------------------- precision/recall, IS (pure math)
@@ -230,7 +235,7 @@ def test_inception_score_known_distributions():
 
 # ---------------------------------------------------------------- reference statistics cache
 
-class StubNet(M.FeatureNet):
+class StubNet(NET.FeatureNet):
     """Cheap stand-in: 'features' are the first 6 pixel values; counts its calls."""
 
     def __init__(self, id_):
@@ -238,7 +243,7 @@ class StubNet(M.FeatureNet):
 
     def extract(self, images, batch_size=32, progress=False, desc=""):
         self.calls += 1
-        _, batches = M.image_batches(images, batch_size)
+        _, batches = IMG.image_batches(images, batch_size)
         f = np.concatenate([np.asarray(b, np.float64).reshape(len(b), -1)[:, :6] for b in batches])
         return f, None
 
@@ -251,31 +256,31 @@ def test_reference_stats_cache(tmp_path):
     cache = tmp_path / "cache" / "ref_stats.npz"
     prov = {"dataset": "toy", "split": "val", "n": 12}
     net = StubNet("stub-a")
-    first = M.reference_stats(src, cache, prov, network=net)
+    first = STATS.reference_stats(src, cache, prov, network=net)
     assert net.calls == 1 and not first["cached"] and first["n"] == 12
     side = json.loads(cache.with_suffix(".json").read_text())
     assert side["provenance"] == prov and side["network_id"] == "stub-a"
-    assert side["sha256"] == M._sha256(cache)
+    assert side["sha256"] == NET._sha256(cache)
     mtime, sha = cache.stat().st_mtime_ns, side["sha256"]
 
-    again = M.reference_stats(src, cache, prov, network=net)
+    again = STATS.reference_stats(src, cache, prov, network=net)
     assert net.calls == 1 and again["cached"]
-    assert cache.stat().st_mtime_ns == mtime and M._sha256(cache) == sha
+    assert cache.stat().st_mtime_ns == mtime and NET._sha256(cache) == sha
     np.testing.assert_array_equal(again["sigma"], first["sigma"])
 
     other = StubNet("stub-b")   # another network: recomputed, file now records the new id
-    third = M.reference_stats(src, cache, prov, network=other)
+    third = STATS.reference_stats(src, cache, prov, network=other)
     assert other.calls == 1 and not third["cached"]
-    assert M.load_stats(cache)["network_id"] == "stub-b"
-    M.reference_stats(src, cache, {**prov, "n": 11}, network=other)   # other provenance
+    assert STATS.load_stats(cache)["network_id"] == "stub-b"
+    STATS.reference_stats(src, cache, {**prov, "n": 11}, network=other)   # other provenance
     assert other.calls == 2
     cache.write_bytes(cache.read_bytes() + b"x")   # tampered: sha256 no longer matches
-    M.reference_stats(src, cache, {**prov, "n": 11}, network=other)
+    STATS.reference_stats(src, cache, {**prov, "n": 11}, network=other)
     assert other.calls == 3
 
     adm = tmp_path / "VIRTUAL_toy_labeled.npz"   # ADM-style: images plus mu/sigma
     np.savez(adm, arr_0=imgs, mu=np.ones(6), sigma=np.eye(6))
-    user = M.reference_stats(adm, tmp_path / "unused.npz", prov, network=other)
+    user = STATS.reference_stats(adm, tmp_path / "unused.npz", prov, network=other)
     assert other.calls == 3 and not (tmp_path / "unused.npz").exists()
     assert user["network_id"] is None and np.array_equal(user["mu"], np.ones(6))
 
@@ -289,19 +294,19 @@ def test_image_sources_and_errors(tmp_path):
     for i, im in enumerate(imgs):
         Image.fromarray(im).save(folder / f"{i:03d}.png")
     Image.fromarray(imgs[0, :, :, 0]).save(folder / "zz_gray.png")   # grayscale -> RGB
-    n, batches = M.image_batches(folder, 2)
+    n, batches = IMG.image_batches(folder, 2)
     got = np.concatenate(list(batches))
     assert n == 4 and np.array_equal(got[:3], imgs) and np.array_equal(got[3], np.repeat(imgs[0, :, :, :1], 3, -1))
     np.savez(tmp_path / "adm.npz", arr_0=imgs)
-    assert np.array_equal(M.load_npz_images(tmp_path / "adm.npz"), imgs)
+    assert np.array_equal(IMG.load_npz_images(tmp_path / "adm.npz"), imgs)
     (folder / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
-        list(M.image_batches(folder, 8)[1])
+        list(IMG.image_batches(folder, 8)[1])
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.npz"):
-        M.load_npz_images(tmp_path / "junk.npz")
+        IMG.load_npz_images(tmp_path / "junk.npz")
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        M.image_batches(tmp_path / "nowhere", 2)
+        IMG.image_batches(tmp_path / "nowhere", 2)
 
 
 # ---------------------------------------------------------------- CLI
@@ -314,7 +319,7 @@ def _cli(*args):
 def test_cli_fid_subprocess(images, feats, tmp_path):
     np.savez(tmp_path / "a.npz", images=images["test"][:4])
     mu, sigma = M.activation_statistics(feats["train"])
-    M.save_stats(tmp_path / "train_stats.npz", mu, sigma, N, "fid-helper")
+    STATS.save_stats(tmp_path / "train_stats.npz", mu, sigma, N, "fid-helper")
     proc = _cli("fid", tmp_path / "a.npz", tmp_path / "train_stats.npz", "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
@@ -329,7 +334,7 @@ def test_cli_in_process(images, tmp_path, capsys):
     stats = []
     for name in ("s1", "s2"):   # tiny 8-d statistics: the CLI does not care about the dimension
         mu, sigma = M.activation_statistics(rng.normal(size=(50, 8)) + (name == "s2"))
-        M.save_stats(tmp_path / f"{name}.npz", mu, sigma, 50, "toy")
+        STATS.save_stats(tmp_path / f"{name}.npz", mu, sigma, 50, "toy")
         stats += [mu, sigma]
     assert main(["fid", str(tmp_path / "s1.npz"), str(tmp_path / "s2.npz")]) == 0
     assert float(capsys.readouterr().out) == pytest.approx(M.frechet_distance(*stats), rel=1e-6)

@@ -94,7 +94,7 @@ def _metrics(with_optional: bool = True) -> dict:
 
 
 def _validate(m: dict) -> None:
-    schema = yaml.safe_load((ROOT / "workflow/schemas/metrics.schema.yaml").read_text())
+    schema = yaml.safe_load((ROOT / "pipeline/schemas/metrics.schema.yaml").read_text())
     jsonschema.validate(m, schema)
 
 

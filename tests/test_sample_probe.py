@@ -9,8 +9,8 @@ import torch
 
 import pipeline.sample as sample_mod
 from pipeline.io import file_sha256
-from pipeline.metrics.probe import probe_stage
 from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.probe import probe_stage
 from pipeline.sample import sample_stage
 
 CFG = dict(n_per_class=3, n=5, temperature=1.0, top_k=None, top_p=None, cfg_scale=1.0, seed=7,

@@ -1,7 +1,7 @@
 """Token-stability table (DiGIT Table 1) on real Fashion-MNIST views with real tiny models.
 
 The DiGIT side is a seeded random timm ViT saved in the tiny encoder's format (loaded through
-`cli.load_configured_encoder`, as the pipeline does) with k-means centroids fitted on its patch
+`encoder_loading.load_configured_encoder`, as the pipeline does) with k-means centroids fitted on its patch
 features; the VQ side is the tiny VQGAN architecture (random weights) whose codebook is fitted by
 k-means to its own encoder outputs on the same images, saved and reloaded with `vq.load_vq`.
 Untrained networks keep the test fast; what is checked is the measurement, not the models.
@@ -15,16 +15,16 @@ import timm
 import torch
 
 from conftest import make_fmnist_shards
-from pipeline.cli import load_configured_encoder
 from pipeline.config import validate_config
 from pipeline.data import ViewSpec, centre_views, encoder_input
-from pipeline.encoder_train import BASE_MODEL, model_kwargs
-from pipeline.encoders import save_timm_encoder
+from pipeline.encoder_loading import load_configured_encoder, save_timm_encoder
 from pipeline.io import file_sha256
 from pipeline.kmeans import train_kmeans
 from pipeline.metrics.stability import (SNRS_DB, add_noise, digit_tokenizer, format_table, image_noise,
-                                        measured_snr_db, stability_stage, stability_table, vq_tokenizer)
+                                        measured_snr_db, stability_table, vq_tokenizer)
 from pipeline.models.vqgan import VQGAN, preset
+from pipeline.stability import stability_stage
+from pipeline.tiny_encoder import BASE_MODEL, model_kwargs
 from pipeline.tokens import load_tokens, tokenize_shard
 from pipeline.vq import encode_uint8, load_vq, save_vq, to_model_pixels
 

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.inspect import summarise
+from pipeline.artifacts import summarise
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.models.sampling import sample
 from pipeline.models.vqgan import VQGAN, preset
 from pipeline.sample import render_stage
-from pipeline.train import TokenDataset, load_model, train_stage1
+from pipeline.token_data import TokenDataset
+from pipeline.train import load_model, train_stage1
 from pipeline.vq import save_vq
 
 DIGIT_K, VQ_K = 12, 8

@@ -14,9 +14,10 @@ import zarr
 
 from pipeline.config import validate_config
 from pipeline.data import ShardViews, ViewSpec, index_shard
-from pipeline.encoders import encoder_info, load_encoder, save_timm_encoder
+from pipeline.encoder_loading import load_encoder, save_timm_encoder
 from pipeline.features import extract_features
 from pipeline.kmeans import assign_tokens, run_kmeans_stage
+from pipeline.models.patch_encoder import encoder_info
 from pipeline.tokens import load_tokens, tokenize_shard
 from conftest import make_fmnist_shards
 
@@ -138,7 +139,7 @@ def test_killed_features_job_leaves_nothing_accepted(tmp_path, fmnist_dir, encod
 
 
 def test_tiny_encoder_trains_and_loads(shards, tmp_path):
-    from pipeline.encoder_train import BASE_MODEL, train_encoder
+    from pipeline.tiny_encoder import BASE_MODEL, train_encoder
     train_cfg = validate_config({"encoder": {"train": {"embed_dim": 32, "depth": 3, "num_heads": 2, "epochs": 2,
                                                        "batch_size": 30}}})["encoder"]["train"]
     out = tmp_path / "enc.pt"

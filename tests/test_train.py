@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from pipeline.models.gpt import GPT, GPTConfig
-from pipeline.train import METRIC_COLUMNS, TokenDataset, load_model, train_stage1
+from pipeline.token_data import TokenDataset
+from pipeline.train import METRIC_COLUMNS, load_model, train_stage1
+from pipeline.trainer import lr_at
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -172,6 +174,41 @@ def test_loss_decreases_logs_and_load_model(tokens, tmp_path):
     model_ema, meta_ema = load_model(str(out / "final.pt"), ema=True)
     assert meta_ema["ema"]
     _assert_same(model_ema.state_dict(), ck["ema"])
+
+
+
+def test_inverse_sqrt_schedule_values():
+    """fairseq's inverse_sqrt (DiGIT's configs): linear from warmup_init_lr to lr, then lr*sqrt(warm/step)."""
+    c = cfg(schedule="inverse_sqrt", lr=3e-4, warmup_init_lr=1e-7, warmup_steps=6250, steps=125000)
+    assert lr_at(0, c) == pytest.approx(1e-7)
+    assert lr_at(3125, c) == pytest.approx(1e-7 + (3e-4 - 1e-7) / 2)
+    assert lr_at(6250, c) == pytest.approx(3e-4)
+    assert lr_at(25000, c) == pytest.approx(1.5e-4)                 # sqrt(6250 / 25000) = 1/2
+    assert lr_at(125000, c) == pytest.approx(3e-4 * (6250 / 125000) ** 0.5)
+    assert lr_at(200000, c) < lr_at(125000, c)                      # no floor at min_lr, no end
+    lrs = [lr_at(s, c) for s in range(0, 20000, 50)]
+    peak = lrs.index(max(lrs))
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises ...
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:]))   # ... then falls
+    with pytest.raises(ValueError, match="warmup_steps > 0"):
+        lr_at(0, dict(c, warmup_steps=0))
+    with pytest.raises(ValueError, match="unknown train.schedule 'linear'"):
+        lr_at(0, dict(c, schedule="linear"))
+
+
+def test_inverse_sqrt_resume_and_logged_lr(tokens, tmp_path):
+    c = cfg(schedule="inverse_sqrt", warmup_init_lr=1e-5, warmup_steps=3, lr=3e-3, checkpoint_every=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_stage1(c, tokens, str(a), progress=False)
+    train_stage1(c, tokens, str(b), max_steps=5, progress=False)
+    train_stage1(c, tokens, str(b), progress=False)
+    ca = torch.load(a / "final.pt", weights_only=True)
+    cb = torch.load(b / "final.pt", weights_only=True)
+    for k in ("model", "optimizer", "scheduler", "step", "data_position"):
+        _assert_same(ca[k], cb[k], k)
+    logged = [json.loads(x)["lr"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    expected = [1e-5 + (3e-3 - 1e-5) * s / 3 for s in range(3)] + [3e-3 * (3 / s) ** 0.5 for s in range(3, 8)]
+    np.testing.assert_allclose(logged, expected, rtol=1e-6)
 
 
 DDP_SCRIPT = """

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import ViewSpec, crop_view, index_shard, read_image, to_tensor, view_params
-from pipeline.encoder_train import _original_size, cut_views, load_resized_images
+from pipeline.data import (ViewSpec, crop_view, cut_views, index_shard, load_resized_images, original_size, read_image,
+                           to_tensor, view_params)
 from pipeline.models.vqgan import VQGAN, preset
 from conftest import make_fmnist_shards
 from pipeline.vq import encode_uint8, evaluate_vq, load_vq, to_model_pixels, train_vq, vq_tokenize_shard
@@ -35,7 +35,7 @@ def trained(shards, tmp_path_factory):
 
 def _test_views(test_tars):
     images, keys, _ = load_resized_images(test_tars, SPEC)
-    return cut_views(images, keys, 0, 0, SPEC, _original_size(test_tars))
+    return cut_views(images, keys, 0, 0, SPEC, original_size(test_tars))
 
 
 def test_training_improves_psnr(trained):

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.vqgan import VQGAN, VQGANConfig, load_taming_checkpoint, preset
+from pipeline.models.vqgan import VQGAN, VQGANConfig, preset
+from pipeline.vqgan_loading import load_taming_checkpoint
 
 SMALL = dict(embed_dim=32, n_embed=64, ch=32, ch_mult=(1, 2), num_res_blocks=1,
              attn_resolutions=(16,), resolution=32, z_channels=32)

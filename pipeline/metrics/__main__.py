@@ -56,24 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from . import fid as m
     try:
-        net = m.load_feature_network(args.network, args.device, args.precision)
-        kw = dict(network=net, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
-        if args.cmd == "fid":
-            res = m.fid_between(args.a, args.b, **kw)
-            plain = f"{res['fid']:.6f}"
-        elif args.cmd == "pr":
-            res = m.pr_between(args.a, args.b, k=args.k, **kw)
-            plain = f"precision {res['precision']:.6f}\nrecall {res['recall']:.6f}"
-        else:
-            res = m.is_of(args.images, splits=args.splits, **kw)
-            plain = f"{res['is']:.6f} +- {res['is_std']:.6f}"
+        res, plain = _run(args)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(res, sort_keys=True) if args.json else plain)
     return 0
+
+
+def _run(args) -> tuple[dict, str]:
+    """(result dict, plain-text answer) of one subcommand."""
+    from ..feature_network import load_feature_network
+    from ..fid_stats import fid_between, is_of, pr_between
+
+    net = load_feature_network(args.network, args.device, args.precision)
+    kw = dict(network=net, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    if args.cmd == "fid":
+        res = fid_between(args.a, args.b, **kw)
+        return res, f"{res['fid']:.6f}"
+    if args.cmd == "pr":
+        res = pr_between(args.a, args.b, k=args.k, **kw)
+        return res, f"precision {res['precision']:.6f}\nrecall {res['recall']:.6f}"
+    res = is_of(args.images, splits=args.splits, **kw)
+    return res, f"{res['is']:.6f} +- {res['is_std']:.6f}"
 
 
 if __name__ == "__main__":

@@ -40,19 +40,16 @@ power; the official code release contains no script for this table, so this is o
   the table does not depend on the batch size or on which SNRs are evaluated). Same seed, same
   images, same models -> identical table.
 
-Pure functions, no Snakemake: `add_noise`, `image_noise`, `Tokenizer` with `digit_tokenizer` /
-`vq_tokenizer`, `stability_table`, `format_table`, and `stability_stage` (loads the pipeline's
-encoder, centroids and VQ checkpoint, takes the centre views (view 0) of the first `n_images` test
-images and writes a JSON with the rows and their provenance).
+Pure functions, no files: `add_noise`, `image_noise`, `Tokenizer` with `digit_tokenizer` /
+`vq_tokenizer`, `stability_table`, `format_table`. The stage that loads the pipeline's encoder,
+centroids and VQ checkpoint and writes the JSON is `pipeline.stability.stability_stage`.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -75,7 +72,6 @@ METRIC_DEFINITION = {
               "embedding = k-means centroid (DiGIT) / codebook row (VQ); 1 where the index is unchanged; "
               "clamped to [-1, 1], not at 0",
 }
-
 
 
 # ---------------------------------------------------------------------------------------- noise
@@ -142,9 +138,9 @@ class Tokenizer:
 def digit_tokenizer(encoder: torch.nn.Module, centroids, spec, *, device: str | torch.device = "cpu",
                     name: str = "digit") -> Tokenizer:
     """Discriminative tokens exactly as the tokens stage makes them: `encoder_input`, the frozen
-    encoder, fp16-rounded features, `tokens.nearest_centroid`. Embedding = the centroid vector."""
+    encoder, fp16-rounded features, `nearest_centroid`. Embedding = the centroid vector."""
     from ..data import encoder_input
-    from ..tokens import nearest_centroid
+    from ..models.centroids import nearest_centroid
 
     dev = torch.device(device)
     encoder = encoder.to(dev).eval()
@@ -190,8 +186,46 @@ def vq_tokenizer(vq_model: torch.nn.Module, *, device: str | torch.device = "cpu
 # ------------------------------------------------------------------------------------------ table
 
 def _position_cosines(ids_a, emb_a, ids_b, emb_b) -> torch.Tensor:
+    """Per-position cosine of two embedding grids, exactly 1 where the index did not change."""
     cos = F.cosine_similarity(emb_a.float(), emb_b.float(), dim=-1, eps=1e-12).clamp_(-1.0, 1.0)
     return torch.where(ids_a == ids_b, torch.ones_like(cos), cos)
+
+
+@dataclass
+class _Cell:
+    """Running sums of one (tokenizer, SNR) cell of the table."""
+
+    changed: float = 0.0
+    cos_sum: float = 0.0
+    positions: float = 0.0
+
+    def add(self, name: str, clean: tuple, noisy: tuple) -> None:
+        (ids0, emb0), (ids1, emb1) = clean, noisy
+        if ids1.shape != ids0.shape:
+            raise ValueError(f"{name}: token grid shape changed {tuple(ids0.shape)} -> {tuple(ids1.shape)}")
+        self.changed += float((ids1 != ids0).sum())
+        self.cos_sum += float(_position_cosines(ids0, emb0, ids1, emb1).double().sum())
+        self.positions += ids0.numel()
+
+    def row(self, name: str, snr: float, p_signal: float, p_noise: float, n: int) -> dict:
+        m = self.positions
+        return {"tokenizer": name, "snr_db": snr, "change_rate": self.changed / m, "cosine": self.cos_sum / m,
+                "measured_snr_db": (10.0 * math.log10(p_signal / p_noise) if p_noise > 0 else math.inf),
+                "positions": int(m), "images": n}
+
+
+def _checked_inputs(images_uint8, tokenizers) -> tuple[torch.Tensor, list[Tokenizer]]:
+    """The images as a uint8 (N, 3, H, W) tensor and the tokenizers as a list; ValueError if empty."""
+    if isinstance(images_uint8, np.ndarray):
+        images_uint8 = torch.from_numpy(images_uint8)
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+    if len(images_uint8) == 0:
+        raise ValueError("stability_table: no images")
+    toks = list(tokenizers.values()) if isinstance(tokenizers, Mapping) else list(tokenizers)
+    if not toks:
+        raise ValueError("stability_table: no tokenizers")
+    return images_uint8, toks
 
 
 def stability_table(images_uint8: torch.Tensor, tokenizers: Mapping[str, Tokenizer] | Sequence[Tokenizer],
@@ -199,23 +233,15 @@ def stability_table(images_uint8: torch.Tensor, tokenizers: Mapping[str, Tokeniz
                     progress: bool = False) -> list[dict]:
     """Rows {tokenizer, snr_db, change_rate, cosine, measured_snr_db, positions, images}, one per
     (tokenizer, SNR), tokenizers in the given order, SNRs in the given order."""
-    if isinstance(images_uint8, np.ndarray):
-        images_uint8 = torch.from_numpy(images_uint8)
-    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
-        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+    from tqdm import tqdm
+
+    images_uint8, toks = _checked_inputs(images_uint8, tokenizers)
     n = len(images_uint8)
-    if n == 0:
-        raise ValueError("stability_table: no images")
-    toks = list(tokenizers.values()) if isinstance(tokenizers, Mapping) else list(tokenizers)
-    if not toks:
-        raise ValueError("stability_table: no tokenizers")
     snrs = [float(s) for s in snrs]
-    zeros = lambda: {t.name: [0.0] * len(snrs) for t in toks}  # noqa: E731
-    changed, cos_sum, positions = zeros(), zeros(), zeros()
+    cells = {(t.name, j): _Cell() for t in toks for j in range(len(snrs))}
     p_signal = 0.0
     p_noise = [0.0] * len(snrs)
     batch_size = max(1, int(batch_size))
-    from tqdm import tqdm
     with tqdm(total=n * (len(snrs) + 1), desc="stability", unit="img", disable=not progress,
               file=sys.stderr, mininterval=2) as bar:
         for start in range(0, n, batch_size):
@@ -229,85 +255,6 @@ def stability_table(images_uint8: torch.Tensor, tokenizers: Mapping[str, Tokeniz
                 noisy = add_noise(x, snr, noise=z)
                 p_noise[j] += float((noisy.double() - x.double()).pow(2).sum())
                 for t in toks:
-                    ids0, emb0 = clean[t.name]
-                    ids1, emb1 = t.tokenize(noisy)
-                    if ids1.shape != ids0.shape:
-                        raise ValueError(f"{t.name}: token grid shape changed {tuple(ids0.shape)} -> {tuple(ids1.shape)}")
-                    changed[t.name][j] += float((ids1 != ids0).sum())
-                    cos_sum[t.name][j] += float(_position_cosines(ids0, emb0, ids1, emb1).double().sum())
-                    positions[t.name][j] += ids0.numel()
+                    cells[t.name, j].add(t.name, clean[t.name], t.tokenize(noisy))
                 bar.update(b)
-    rows = []
-    for t in toks:
-        for j, snr in enumerate(snrs):
-            m = positions[t.name][j]
-            rows.append({"tokenizer": t.name, "snr_db": snr,
-                         "change_rate": changed[t.name][j] / m, "cosine": cos_sum[t.name][j] / m,
-                         "measured_snr_db": (10.0 * math.log10(p_signal / p_noise[j]) if p_noise[j] > 0 else math.inf),
-                         "positions": int(m), "images": n})
-    return rows
-
-
-# ------------------------------------------------------------------------------------------ stage
-
-def stability_stage(config: dict, encoder_path: str | Path | None, centroids_path: str | Path,
-                    vq_path: str | Path, tar_paths: Sequence[str | Path], out_json: str | Path,
-                    n_images: int = 1000, *, seed: int = 0, snrs: Sequence[float] = SNRS_DB,
-                    batch_size: int = 64, device: str | None = None, progress: bool = True) -> dict:
-    """Load the configured encoder + centroids and the VQ checkpoint, compute the table on the
-    centre views of the first `n_images` images of `tar_paths`, write `out_json` atomically.
-    `device` None: the config's `encoder.device` ("auto": the GPU if there is one). fp32 throughout."""
-    from ..cli import load_configured_encoder
-    from ..data import ViewSpec, centre_views
-    from ..encode import resolve_device
-    from ..io import file_sha256, write_json_atomic
-    from ..vq import load_configured_vq
-
-    t0 = time.time()
-    spec = ViewSpec.from_config(config["encoder"])
-    dev = resolve_device(device or config["encoder"].get("device", "auto"))
-    encoder = load_configured_encoder(config, str(encoder_path) if encoder_path else None)
-    centroids = np.load(centroids_path)
-    vq_model, vq_meta, _ = load_configured_vq(config["vq"], vq_path)
-    if vq_model.config.resolution != spec.crop:
-        raise ValueError(f"VQ model resolution {vq_model.config.resolution} != view crop {spec.crop}")
-    images, where = centre_views(tar_paths, spec, int(n_images))
-    tokenizers = {"digit": digit_tokenizer(encoder, centroids, spec, device=dev),
-                  "vq": vq_tokenizer(vq_model, device=dev)}
-    with torch.no_grad():
-        rows = stability_table(images, tokenizers, snrs=snrs, seed=seed, batch_size=batch_size, progress=progress)
-    enc_ckpt = encoder_path or config["encoder"].get("checkpoint")
-    keys_digest = hashlib.sha256("\n".join(f"{w['shard']}/{w['key']}" for w in where).encode()).hexdigest()
-    out = {
-        "stage": "stability",
-        "rows": rows,
-        "table": format_table(rows),
-        "snr_db": [float(s) for s in snrs],
-        "seed": int(seed),
-        "n_images": len(images),
-        "n_images_requested": int(n_images),
-        "images": {"shards": [str(p) for p in tar_paths], "view": 0, "first_key": where[0]["key"],
-                   "last_key": where[-1]["key"], "keys_sha256": keys_digest,
-                   "crop": spec.crop, "resize": spec.resize},
-        "noise": NOISE_DEFINITION,
-        "metrics": METRIC_DEFINITION,
-        "tokenizers": {
-            "digit": {**tokenizers["digit"].info, "encoder_arch": getattr(encoder.info, "arch", None),
-                      "encoder_layer": config["encoder"].get("layer"),
-                      "encoder_block_index": getattr(encoder.info, "block_index", None),
-                      "encoder_checkpoint": str(enc_ckpt) if enc_ckpt else None,
-                      "encoder_sha256": (file_sha256(enc_ckpt) if enc_ckpt and Path(enc_ckpt).is_file()
-                                         else getattr(encoder.info, "weights_sha256", None)),
-                      "centroids": str(centroids_path), "centroids_sha256": file_sha256(centroids_path),
-                      "preprocessing": {"image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std)}},
-            "vq": {**tokenizers["vq"].info, "checkpoint": str(vq_path), "checkpoint_sha256": file_sha256(vq_path),
-                   "config": vq_model.config.to_dict(), "test_psnr": vq_meta.get("test_psnr")},
-        },
-        "paper_table1": {"snr_db": list(SNRS_DB), **PAPER_TABLE1},
-        "device": str(dev),
-        "seconds": round(time.time() - t0, 2),
-    }
-    write_json_atomic(out_json, out)
-    print(f"[stability] {len(images)} images, {len(snrs)} SNR levels -> {out_json} ({out['seconds']} s)\n"
-          f"{out['table']}", file=sys.stderr)
-    return out
+    return [cells[t.name, j].row(t.name, snr, p_signal, p_noise[j], n) for t in toks for j, snr in enumerate(snrs)]

@@ -207,6 +207,10 @@ class GPT(nn.Module):
             n -= self.ctx_emb.weight.numel() if self.config.context_len else 0
         return n
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay: the embedding tables and the BOS vector."""
+        return {name for name, _ in self.named_parameters() if "_emb" in name or name == "bos"}
+
     def extra_repr(self) -> str:
         c = self.config
         cond = f"{c.num_classes} classes (+null), label dropout {c.class_dropout}" \

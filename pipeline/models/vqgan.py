@@ -15,7 +15,8 @@ Two architecture variants share one set of module names (``encoder.down.{i}.bloc
   ``post_quant_conv``, pixels in [0, 1]. DiGIT uses this one (the ``mage_vqgan`` preset).
 
 Whatever the variant, the public API takes and returns images in [-1, 1]; a [0, 1] model is
-rescaled inside ``encode`` / ``decode``.
+rescaled inside ``encode`` / ``decode``. Taming-format checkpoint files are read by
+`pipeline.vqgan_loading`; this module does no file IO.
 
 Quantizer: nearest codebook row by squared distance (z^2 + e^2 - 2 z.e, as taming), straight-through
 gradient, loss ``beta * ||sg(zq) - z||^2 + ||zq - sg(z)||^2`` (taming's VectorQuantizer2 with
@@ -23,8 +24,6 @@ legacy=False; ``legacy_loss=True`` swaps beta onto the other term like taming's 
 """
 from __future__ import annotations
 
-import os
-import pickle
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -372,68 +371,3 @@ class VQGAN(nn.Module):
         """x in [-1,1] -> (reconstruction in [-1,1], codebook+commitment loss, indices (B,h,w))."""
         z_q, loss, indices = self.quantize(self._latent(x))
         return self._decode_latent(z_q), loss, indices
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoint loading (the only file IO in this module)
-
-def _torch_load(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise
-    # Lightning .ckpt files may pickle callback/hparams objects; the user chose this local file.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def load_taming_checkpoint(path, config: VQGANConfig | None = None,
-                           strict: bool = True) -> VQGAN:
-    """Load a taming-format VQGAN checkpoint (``{"state_dict": ...}`` or a bare state dict).
-
-    ``config`` defaults to the ``mage_vqgan`` preset. ``loss.*`` keys (discriminator, LPIPS) are
-    dropped; everything else must match our module's keys and shapes exactly. Nothing is ever
-    downloaded.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VQGAN checkpoint not found: {path} (nothing is downloaded; "
-                                f"place the taming/MAGE checkpoint there yourself)")
-    try:
-        obj = _torch_load(path)
-    except Exception as e:  # truncated zip, bad pickle, EOF, ...
-        raise ValueError(f"cannot read VQGAN checkpoint {path} (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from e
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"VQGAN checkpoint {path} holds {type(obj).__name__}, not a state dict")
-    sd = {k: v for k, v in sd.items() if not str(k).startswith("loss.")}
-    bad = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
-    if bad:
-        raise ValueError(f"VQGAN checkpoint {path}: non-tensor entries {bad[:10]}")
-
-    config = config or PRESETS["mage_vqgan"]
-    model = VQGAN(config)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    if strict and (missing or unexpected or wrong):
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing[:10]}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:10]}")
-        if wrong:
-            parts.append("shape mismatches: " + ", ".join(
-                f"{k} {tuple(sd[k].shape)} vs expected {tuple(own[k].shape)}" for k in wrong[:10]))
-        has_attn = any(".attn" in k or k.startswith("quant_conv") for k in sd)
-        if has_attn != (config.variant == "taming"):
-            other = "taming" if has_attn else "maskgit"
-            parts.append(f"the keys look like variant={other!r} (taming has attention and "
-                         f"quant_conv; MAGE's MaskGIT-converted VQGAN has neither)")
-        raise ValueError(f"VQGAN checkpoint {path} does not match config "
-                         f"(variant={config.variant}): " + "; ".join(parts))
-    model.load_state_dict({k: v.float() for k, v in sd.items() if k not in wrong}, strict=strict)
-    model.eval()
-    return model

@@ -1,32 +1,84 @@
 # Helpers shared by the rules. PY is the interpreter running Snakemake, so rules use the same env.
+# Which settings change which artifact lives in pipeline/settings.py, read by the CLI too.
 import json
 import shlex
+
+from pipeline.settings import RUNTIME_SETTINGS, output_settings, runtime_settings
 
 PY = shlex.quote(sys.executable)
 DATASET = config["dataset"]["name"]
 RUN = config["run"]
+MODELS = ("digit", "vq")   # stage-1 token kinds: DiGIT tokens (the method) and VQ tokens (the baseline)
+TOKEN_DIRS = {"digit": "tokens", "vq": "vq_tokens"}
+try:  # all of --cores locally; inside a cluster job Snakemake runs with --cores all (the job's CPUs)
+    TORCH_THREADS = max(1, workflow.cores)
+except WorkflowError:  # the submitting process of a cluster run has no --cores: the profile sets CPUs
+    TORCH_THREADS = 1
+
+
+def res(path):
+    """An artifact of this run: results/{run}/{path} (wildcards in `path` stay wildcards)."""
+    return f"results/{RUN}/{path}"
+
+
+def logfile(name):
+    return res(f"logs/{name}.log")
 
 
 def cli_json(**sections):
-    """A shell-quoted JSON config fragment for `python -m pipeline <stage> --json ...`.
-
-    Only the sections a rule depends on are passed, so Snakemake's params trigger reruns
-    exactly when those settings change.
-    """
+    """A shell-quoted JSON config fragment for `python -m pipeline <stage> --json ...`."""
     return shlex.quote(json.dumps(sections, sort_keys=True))
 
 
-def shard_settings():
-    """Shard settings that change the output (worker count does not)."""
-    return {k: v for k, v in config["shards"].items() if k != "workers"}
+def settings(stage):
+    """The settings that change `stage`'s output, as a rule parameter: a change reruns the rule."""
+    return lambda wc: cli_json(**output_settings(stage, config))
+
+
+# Per stage, the settings that do not change its output (batch sizes, devices): used in the shell
+# commands as {RUNTIME[stage]}, a global, so that changing one never triggers a rerun.
+RUNTIME = {stage: cli_json(**runtime_settings(stage, config)) for stage in RUNTIME_SETTINGS}
+
+
+def shard_name(tar):
+    return os.path.basename(tar)[: -len(".tar")]
+
+
+def token_files(split, model="digit"):
+    return [res(f"{TOKEN_DIRS[model]}/{shard_name(t)}.npy") for t in shard_paths(split)]
+
+
+def trained_or_given(section, trained, what, hint):
+    """The tokenizer file: trained by this DAG (tiny demo) or a local checkpoint from the config."""
+    if config[section]["train"] is not None:
+        return res(trained)
+    if config[section]["checkpoint"] is None:
+        raise WorkflowError(f"config key '{section}.checkpoint' is null and '{section}.train' is not set: point "
+                            f"{section}.checkpoint at {hint} or set {section}.train (tiny demo)")
+    return config[section]["checkpoint"]
+
+
+def encoder_file():
+    return trained_or_given("encoder", "encoder/encoder.pt", "encoder", "local DINOv2 weights")
+
+
+def vq_file():
+    return trained_or_given("vq", "vq/vq.pt", "VQGAN", "a local taming-format VQGAN (MAGE's VQGAN for the paper)")
+
+
+def training_shards(section, split):
+    """Shards a tiny tokenizer trains on: the first `{section}.train.max_shards` of the split."""
+    tars = shard_paths(split)
+    limit = config[section]["train"]["max_shards"] if config[section]["train"] else None
+    return tars[:limit] if limit else tars
 
 
 def all_targets(wildcards):
     return [
         f"shards/{DATASET}/manifest.parquet",
         *token_targets(),
-        *[f"results/{RUN}/samples/{model}/images.npz" for model in ("digit", "vq")],
-        *[f"results/{RUN}/probe/{model}.json" for model in ("digit", "vq")],
+        *[res(f"samples/{model}/images.npz") for model in MODELS],
+        *[res(f"probe/{model}.json") for model in MODELS],
         f"reports/{RUN}/metrics.json",
         f"reports/{RUN}/report.html",
     ]

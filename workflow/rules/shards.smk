@@ -6,7 +6,7 @@ checkpoint shards:
         manifest="shards/{dataset}/manifest.parquet",
         summary="shards/{dataset}/dataset.json",
     params:
-        cfg=lambda wc: cli_json(dataset=config["dataset"], shards=shard_settings()),
+        cfg=settings("shards"),
     threads: config["shards"]["workers"]
     log:
         "shards/{dataset}/shards.log",

@@ -1,7 +1,8 @@
 """`python -m pipeline inspect PATH`: summarise any artifact of the pipeline.
 
 Each summariser returns a JSON-able dict; `format_summary` prints it for people. Later stages
-register their artifact kinds with `@summariser(predicate)`.
+register their artifact kinds with `@summariser(predicate)`. (The module is called `artifacts`, not
+`inspect`, so that it does not shadow the standard library's `inspect`.)
 """
 from __future__ import annotations
 

@@ -1,33 +1,17 @@
 """The batched inference loop shared by the features and tokens stages.
 
 Decoding and cropping run in DataLoader workers; the encoder runs on the GPU when there is one
-(bf16 autocast, channels-last), else on the CPU in fp32 (this CPU class has no native bf16).
+(bf16 autocast, channels-last), else on the CPU in fp32 (see `pipeline.devices`).
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Iterator
 
 import torch
 
 from .data import ShardViews, ViewSpec, encoder_input
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast_for(device: torch.device, precision: str = "auto"):
-    """bf16 on GPU by default; fp32 on CPU unless asked."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from .devices import autocast_for
 
 
 def make_loader(dataset: ShardViews, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:

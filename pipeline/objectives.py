@@ -1,0 +1,29 @@
+"""Training objectives: the loss of one micro-batch, given the model. The trainer owns the rest.
+
+An objective takes the model (possibly wrapped by DDP or ``torch.compile``) and a dict of
+tensors with one row per sample (what the batch source returned, on the device) and returns a
+scalar loss. Any randomness it draws (masks, diffusion timesteps) comes from the torch RNG,
+which the trainer reseeds from (seed, step, rank) before every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NextTokenCE:
+    """Next-token cross-entropy of a causal GPT over ``tokens`` (raster order), with label
+    smoothing; conditioned on ``labels`` when the model is class-conditional and on the
+    ``context`` grid (stage 2: the loss covers the predicted grid only)."""
+    label_smoothing: float = 0.0
+    conditional: bool = False
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["tokens"]
+        labels = batch["labels"] if self.conditional else None
+        _, loss = model(x, labels=labels, targets=x, label_smoothing=self.label_smoothing,
+                        context=batch.get("context"))
+        return loss

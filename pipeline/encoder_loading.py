@@ -211,7 +211,6 @@ def _load_generic_timm(
     arch: str, checkpoint: str | Path | None, layer: int | str, img_size: int, seed: int, compute_sha256: bool
 ) -> PatchEncoder:
     """``timm:<name>``: any timm VisionTransformer; position embeddings resampled the DINOv2 way."""
-    model_name = arch.removeprefix("timm:")
     model_kwargs: dict[str, Any] = {}
     state: StateDict | None = None
     digest, layout = None, "random"

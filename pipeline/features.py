@@ -14,6 +14,8 @@ import zarr
 
 from .data import ShardViews, ViewSpec
 from .devices import resolve_device
+from .encoder_loading import load_configured_encoder
+from .models.patch_encoder import encoder_info
 from .io import atomic_path, file_sha256
 from .shard_encoding import encode_shard_views
 
@@ -60,3 +62,14 @@ def extract_features(tar_path: str | Path, out_path: str | Path, encoder, spec: 
         arr.attrs.update(attrs)
     print(f"[features] {Path(tar_path).name}: {n} images -> {out_path} ({attrs['seconds']} s)", file=sys.stderr)
     return attrs
+
+
+def features_stage(config: dict, tar_path: str | Path, out_path: str | Path, *, encoder_path: str | None = None,
+                   progress: bool = True) -> dict:
+    """The features stage as the config describes it (the view and seed of ``kmeans``)."""
+    enc = config["encoder"]
+    encoder = load_configured_encoder(config, encoder_path)
+    return extract_features(tar_path, out_path, encoder, ViewSpec.from_config(enc), batch_size=enc["batch_size"],
+                            num_workers=enc["num_workers"], device=enc["device"], precision=enc["precision"],
+                            progress=progress, encoder_meta=encoder_info(encoder),
+                            view=config["kmeans"]["feature_view"], seed=config["kmeans"]["seed"])

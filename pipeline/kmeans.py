@@ -419,3 +419,13 @@ def run_kmeans_stage(store_paths: Sequence[str | Path], out_dir: str | Path, k: 
     _log(f"wrote {out_dir / 'centroids.npy'} and centroids.json "
          f"({meta['timings']['total_s']:.1f}s total)")
     return meta
+
+
+def kmeans_stage(config: dict, store_paths: Sequence[str | Path], out_dir: str | Path) -> dict:
+    """The kmeans stage as the config describes it (``kmeans`` section)."""
+    km = config["kmeans"]
+    device = km["device"]
+    return run_kmeans_stage(sorted(store_paths), out_dir, k=km["k"], niter=km["niter"], seed=km["seed"],
+                            n_sample=km["sample"], spherical=km["spherical"],
+                            use_gpu="auto" if device == "auto" else device.startswith("cuda"),
+                            max_points_per_centroid=km["max_points_per_centroid"])

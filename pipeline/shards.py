@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import sources
+from .config import ConfigError
 from .io import DeterministicTarWriter, atomic_path, file_sha256, read_json, sha1_bytes, write_json_atomic
 
 MANIFEST_SCHEMA = pa.schema([
@@ -257,3 +258,13 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
 
 def read_manifest(path: str | Path):
     return pq.read_table(path)
+
+
+def shards_stage(config: dict, out_root: str | Path = "shards", progress: bool = True) -> dict:
+    """The shards stage as the config describes it; prints a one-line summary."""
+    if "dataset" not in config:
+        raise ConfigError("config key 'dataset' is missing: say which images to shard")
+    summary = build_shards(config["dataset"], config["shards"], out_root=out_root, progress=progress)
+    counts = ", ".join(f"{s}: {v['samples']} images in {len(v['shards'])} shards" for s, v in summary["splits"].items())
+    print(f"[shards] {summary['name']}: {counts}; {summary['num_skipped']} unreadable skipped", file=sys.stderr)
+    return summary

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ViewSpec, cut_views, encoder_input, load_resized_images, original_size
+from .config import ConfigError
+from .data import ViewSpec, cut_views, encoder_input, index_shard, load_resized_images, original_size
 from .encoder_loading import TINY_BASE_MODEL, save_timm_encoder
+from .errors import StageFailed
 from .io import write_json_atomic
 from .train_steps import optimizer_step, shuffled_batches, warmup_cosine
 
@@ -85,4 +87,20 @@ def train_encoder(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, t
     write_json_atomic(Path(out_path).with_suffix(".json"),
                       {"arch": f"timm:{BASE_MODEL}", "model_kwargs": kwargs, **meta})
     print(f"[encoder] test accuracy {accuracy:.4f} -> {out_path}", file=sys.stderr)
+    return meta
+
+
+def train_encoder_stage(config: dict, train_tars, test_tars, out_path: str | Path, *, progress: bool = True) -> dict:
+    """The train-encoder stage as the config describes it (``encoder.train``); StageFailed below
+    ``encoder.train.min_test_accuracy``."""
+    enc = config["encoder"]
+    if enc["train"] is None:
+        raise ConfigError("config key 'encoder.train' is null: nothing to train (real runs use encoder.checkpoint)")
+    num_classes = 1 + max(s.label for p in train_tars for s in index_shard(p))
+    meta = train_encoder(train_tars, test_tars, out_path, ViewSpec.from_config(enc), enc["train"],
+                         num_classes=num_classes, progress=progress)
+    floor = enc["train"]["min_test_accuracy"]
+    if meta["test_accuracy"] < floor:
+        raise StageFailed(f"tiny encoder test accuracy {meta['test_accuracy']:.4f} < "
+                          f"encoder.train.min_test_accuracy {floor}")
     return meta

@@ -20,19 +20,15 @@ import torch
 
 from .data import ShardViews, ViewSpec
 from .devices import resolve_device
+from .encoder_loading import load_configured_encoder
+from .models.centroids import nearest_centroid
+from .models.patch_encoder import encoder_info
 from .io import file_sha256, write_json_atomic, write_npy_atomic
 from .shard_encoding import encode_shard_views
 
 
 def token_dtype(k: int):
     return np.uint16 if k <= np.iinfo(np.uint16).max + 1 else np.uint32
-
-
-def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor, c_sqnorm: torch.Tensor) -> torch.Tensor:
-    """argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), in fp32. feats (..., D) -> (...)."""
-    flat = feats.reshape(-1, feats.shape[-1])
-    scores = c_sqnorm[None, :] - 2.0 * (flat @ centroids.T)
-    return scores.argmin(dim=1).reshape(feats.shape[:-1])
 
 
 def tokenize_shard(tar_path: str | Path, out_npy: str | Path, encoder, centroids: np.ndarray, spec: ViewSpec, *,
@@ -90,3 +86,20 @@ def load_tokens(npy_path: str | Path, mmap: bool = True) -> tuple[np.ndarray, di
     grids = np.load(npy_path, mmap_mode="r" if mmap else None)
     meta = json.loads(Path(npy_path).with_suffix(".json").read_text())
     return grids, meta
+
+
+def tokens_stage(config: dict, tar_path: str | Path, centroids_path: str | Path, out_npy: str | Path, *,
+                 encoder_path: str | None = None, progress: bool = True) -> dict:
+    """The tokens stage as the config describes it: the configured encoder, the centroids checked
+    against its feature size, provenance of both in the sidecar."""
+    enc, tok = config["encoder"], config["tokens"]
+    encoder = load_configured_encoder(config, encoder_path)
+    centroids = np.load(centroids_path)
+    if centroids.ndim != 2 or centroids.shape[1] != encoder.embed_dim:
+        raise ValueError(f"{centroids_path}: centroids of shape {centroids.shape} do not match the encoder's "
+                         f"{encoder.embed_dim}-dim features")
+    provenance = {"encoder": encoder_info(encoder), "centroids": str(centroids_path),
+                  "centroids_sha256": file_sha256(centroids_path)}
+    return tokenize_shard(tar_path, out_npy, encoder, centroids, ViewSpec.from_config(enc), views=tok["views"],
+                          seed=tok["seed"], batch_size=enc["batch_size"], num_workers=enc["num_workers"],
+                          device=enc["device"], precision=enc["precision"], progress=progress, provenance=provenance)

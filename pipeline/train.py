@@ -11,12 +11,14 @@ model and the objective (``objectives.NextTokenCE``).
 """
 from __future__ import annotations
 
+import os
+
 from . import checkpoints, trainer
+from .config import ConfigError
 from .families import gpt_config_dict
 from .models.gpt import GPT, GPTConfig
 from .objectives import NextTokenCE
 from .token_data import TokenDataset
-from .training_log import METRIC_COLUMNS  # noqa: F401 (the columns of metrics.csv)
 
 
 def gpt_job(cfg: dict, token_files: list[str], context_files: list[str] | None):
@@ -59,3 +61,15 @@ def load_model(checkpoint: str, ema: bool = True, device: str = "cpu") -> tuple[
     meta.update(num_classes=c.num_classes, vocab_size=c.vocab_size, grid=list(c.grid),
                 context_vocab_size=c.context_vocab_size, context_grid=list(c.context_grid))
     return model, meta
+
+
+def train_stage(config: dict, token_files: list[str], out_dir: str, *, context: list[str] | None = None,
+                max_steps: int | None = None, progress: bool = True) -> dict:
+    """The train stage as the config describes it: stage 1 (``train``), or stage 2 (``stage2.train``)
+    with ``context`` shards, paired with the token shards by file name."""
+    if context and len(context) != len(token_files):
+        raise ConfigError(f"--context needs one DiGIT token shard per --tokens shard "
+                          f"({len(context)} vs {len(token_files)})")
+    section = config["stage2"]["train"] if context else config["train"]
+    return train_stage1(section, sorted(token_files, key=os.path.basename), out_dir, max_steps=max_steps,
+                        progress=progress, context_files=sorted(context, key=os.path.basename) if context else None)

@@ -38,7 +38,7 @@ from . import checkpoints
 from .devices import autocast_for, resolve_device
 from .io import file_sha256, write_json_atomic
 from .token_data import mix
-from .training_log import METRIC_COLUMNS, MetricsLog, read_last_loss  # noqa: F401 (METRIC_COLUMNS re-exported)
+from .training_log import MetricsLog, read_last_loss
 
 SCHEDULES = ("cosine", "inverse_sqrt")
 # dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name()

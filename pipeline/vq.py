@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import ViewSpec, crop_view, cut_views, index_shard, load_resized_images, original_size, read_image, to_tensor
+from .config import ConfigError
+from .devices import resolve_device
+from .errors import StageFailed
 from .io import atomic_path, file_sha256, read_json, write_json_atomic
 from .models.vqgan import VQGAN, VQGANConfig, preset
 from .tokens import token_dtype, write_token_shard
@@ -260,3 +263,26 @@ def vq_tokenize_shard(tar_path: str | Path, token_json: str | Path, out_npy: str
             "seconds": round(time.time() - t0, 3)}
     write_token_shard(out_npy, grids, meta)
     return meta
+
+
+def train_vq_stage(config: dict, train_tars, test_tars, out_path: str | Path, *, progress: bool = True) -> dict:
+    """The train-vq stage as the config describes it (``vq``); StageFailed below ``vq.train.min_test_psnr``."""
+    vq = config["vq"]
+    if vq["train"] is None:
+        raise ConfigError("config key 'vq.train' is null: nothing to train (real runs use vq.checkpoint)")
+    train_cfg = {k: v for k, v in vq["train"].items() if k not in ("max_shards", "min_test_psnr")}
+    meta = train_vq(train_tars, test_tars, out_path, ViewSpec.from_config(config["encoder"]),
+                    {"preset": vq["preset"], "model": vq["model"], **train_cfg}, progress=progress)
+    floor = vq["train"]["min_test_psnr"]
+    if floor is not None and meta["test_psnr"] < floor:
+        raise StageFailed(f"VQ test PSNR {meta['test_psnr']:.2f} dB < vq.train.min_test_psnr {floor}")
+    return meta
+
+
+def vq_tokens_stage(config: dict, tar_path: str | Path, token_json: str | Path, out_npy: str | Path, *,
+                    vq_path: str | None = None, progress: bool = True) -> dict:
+    """The vq-tokens stage as the config describes it: the configured VQGAN on ``vq.device``."""
+    model, _, path = load_configured_vq(config["vq"], vq_path)
+    model.to(resolve_device(config["vq"]["device"]))
+    return vq_tokenize_shard(tar_path, token_json, out_npy, model, ViewSpec.from_config(config["encoder"]),
+                             batch_size=config["vq"]["batch_size"], progress=progress, vq_checkpoint=path)

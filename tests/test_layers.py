@@ -18,7 +18,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "pipeline"
 HELPERS = {"pipeline.io", "pipeline.config", "pipeline.settings", "pipeline.devices", "pipeline.data",
-           "pipeline.sources", "pipeline.token_data", "pipeline.training_log"}
+           "pipeline.sources", "pipeline.token_data", "pipeline.training_log", "pipeline.errors"}
 CLI = {"pipeline.cli", "pipeline.__main__", "pipeline.metrics.__main__"}
 FILE_CALLS = {"open", "load", "save", "read_text", "read_bytes", "write_text", "write_bytes"}
 

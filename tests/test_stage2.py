@@ -14,7 +14,7 @@ from pipeline.artifacts import summarise
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.models.sampling import sample
 from pipeline.models.vqgan import VQGAN, preset
-from pipeline.sample import render_stage
+from pipeline.render import render_stage
 from pipeline.token_data import TokenDataset
 from pipeline.train import load_model, train_stage1
 from pipeline.vq import save_vq

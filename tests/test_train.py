@@ -14,7 +14,8 @@ import torch
 
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.token_data import TokenDataset
-from pipeline.train import METRIC_COLUMNS, load_model, train_stage1
+from pipeline.train import load_model, train_stage1
+from pipeline.training_log import METRIC_COLUMNS
 from pipeline.trainer import lr_at
 
 REPO = Path(__file__).resolve().parent.parent

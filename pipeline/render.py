@@ -1,0 +1,153 @@
+"""Render stage: sampled token grids -> pixels (DiGIT step 6, or the VQ-token baseline).
+
+DiGIT samples go through stage 2 (the GPT with the DiGIT grid as context draws the VQ grid, top-p,
+resumable in parts under ``render/``, seeded per sample on a stream of its own) and then the VQGAN
+decoder; VQ-token samples are decoded directly. Writes ``images.npz`` (uint8 (n, H, W, 3) +
+labels), ``grid.png`` (one row per class) and ``images.json`` (provenance).
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .devices import resolve_device
+from .io import file_sha256, write_bytes_atomic, write_json_atomic, write_npy_atomic
+from .models.sampling import sample
+from .sample import SEED_RULE, gather_parts, params_hash, run_parts, sample_seed
+from .train import load_model
+from .vq import load_configured_vq, load_vq, to_uint8
+
+RENDER_SEED_OFFSET = 1 << 40   # stage-2 draws of sample i use sample_seed(seed, i) + this: a stream of their own
+RENDER_PARAM_KEYS = ("temperature", "top_k", "top_p", "seed")
+
+
+def _decode(vq_model, grids: np.ndarray, batch_size: int, device) -> np.ndarray:
+    """VQ token grids (n, h, w) -> uint8 images (n, H, W, 3) through the VQGAN decoder."""
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(grids), batch_size):
+            ids = torch.from_numpy(grids[s:s + batch_size].astype(np.int64)).to(device)
+            out.append(to_uint8(vq_model.decode_indices(ids)).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = None, render_cfg: dict | None = None,
+                 *, stage2_checkpoint: str | None = None, device: str = "auto", progress: bool = True,
+                 vq_section: dict | None = None) -> dict:
+    """Turn the token grids of a sample folder into images (DiGIT step 6, or the VQ baseline).
+
+    With ``stage2_checkpoint`` the grids are DiGIT tokens: stage 2 draws the VQ grid of every sample
+    with its DiGIT grid as context (top-p from ``render_cfg``, KV cache prefilled with the context),
+    then the VQGAN decodes it. Without, the grids already are VQ tokens (the baseline) and are
+    decoded directly. Writes ``images.npz`` (images (n, H, W, 3) uint8, labels), ``grid.png`` and
+    ``images.json`` into ``out_dir`` (default: the sample folder); stage-2 work is resumable in parts
+    under ``render/``. ``vq_section``: the config's ``vq`` section (needed for taming checkpoints)."""
+
+    t_start = time.time()
+    dev = resolve_device(device)
+    src = Path(samples_dir)
+    out = Path(out_dir) if out_dir else src
+    render_cfg = dict(render_cfg or {})
+    tokens = np.load(src / "tokens.npy")
+    labels = np.load(src / "labels.npy")
+    src_meta = json.loads((src / "samples.json").read_text())
+    # a taming checkpoint needs the configured architecture; our own files carry theirs
+    vq_model = load_configured_vq(vq_section, vq_checkpoint)[0] if vq_section else load_vq(vq_checkpoint)[0]
+    vq_model.to(dev).eval()
+    vq_sha = file_sha256(vq_checkpoint)
+    batch = int(render_cfg.get("batch_size", 64))
+    meta = {"stage": "render", "samples": str(src), "samples_checkpoint_sha256": src_meta.get("checkpoint_sha256"),
+            "vq_checkpoint": str(vq_checkpoint), "vq_checkpoint_sha256": vq_sha, "n": int(len(tokens)),
+            "num_classes": src_meta.get("num_classes"), "device": str(dev)}
+    if stage2_checkpoint is None:
+        if tokens.max(initial=0) >= vq_model.codebook_size or tuple(tokens.shape[1:]) != (vq_model.grid_size,) * 2:
+            raise ValueError(f"{src}/tokens.npy holds grids {tokens.shape[1:]} with ids up to {tokens.max()}: not "
+                             f"tokens of the VQ model {vq_checkpoint} ({vq_model.grid_size}x{vq_model.grid_size}, "
+                             f"{vq_model.codebook_size} codes); DiGIT tokens need --stage2")
+        vq_grids = tokens
+        meta["route"] = "VQ tokens decoded directly (VQ-token baseline)"
+    else:
+        model, s2 = load_model(str(stage2_checkpoint), ema=bool(render_cfg.get("ema", True)), device=dev)
+        c = model.config
+        if c.context_len == 0:
+            raise ValueError(f"{stage2_checkpoint} is not a stage-2 checkpoint (it has no context grid)")
+        if tuple(tokens.shape[1:]) != c.context_grid or tokens.max(initial=0) >= c.context_vocab_size:
+            raise ValueError(f"{src}/tokens.npy grids {tokens.shape[1:]} do not fit stage 2's context "
+                             f"{c.context_grid} of {c.context_vocab_size} codes")
+        if c.vocab_size != vq_model.codebook_size or c.grid != (vq_model.grid_size,) * 2:
+            raise ValueError(f"stage 2 predicts {c.grid} grids of {c.vocab_size} codes, but {vq_checkpoint} "
+                             f"has {vq_model.grid_size}x{vq_model.grid_size} and {vq_model.codebook_size} codes")
+        params = {k: render_cfg.get(k) for k in RENDER_PARAM_KEYS}
+        params.update(stage2_sha256=s2["sha256"], weights=s2["weights"], samples_sha256=file_sha256(src / "tokens.npy"),
+                      seed_rule=f"{SEED_RULE}, plus {RENDER_SEED_OFFSET}")
+        chunk = int(render_cfg.get("chunk", 1000))
+        cond = c.num_classes > 0
+
+        def make_part(start: int, stop: int) -> np.ndarray:
+            ctx = torch.from_numpy(tokens[start:stop].reshape(stop - start, -1).astype(np.int64))
+            part = labels[start:stop]   # -1 (unconditional samples) -> the null class
+            lab = torch.from_numpy(np.where(part >= 0, part, model.null_class)) if cond else None
+            seeds = [sample_seed(params["seed"] or 0, i) + RENDER_SEED_OFFSET for i in range(start, stop)]
+            grids = sample(model, stop - start, labels=lab, temperature=float(params["temperature"] or 1.0),
+                           top_k=params["top_k"], top_p=params["top_p"], seeds=seeds, batch_size=batch,
+                           context=ctx)
+            return grids.cpu().numpy().astype(np.uint16).reshape(-1, *c.grid)
+
+        run = run_parts(out / "render", labels, chunk, params_hash(params), make_part, progress=progress,
+                        desc=f"stage 2 {out.name}")
+        if not run["complete"]:
+            return run
+        vq_grids = gather_parts(out / "render", labels, chunk)
+        write_npy_atomic(out / "vq_tokens.npy", vq_grids)
+        meta.update(route="DiGIT tokens -> stage 2 (VQ tokens) -> VQGAN decoder", stage2_checkpoint=str(stage2_checkpoint),
+                    stage2_checkpoint_sha256=s2["sha256"], stage2_step=s2["step"], **params,
+                    stage2_seconds_this_run=round(run["seconds"], 3))
+    images = _decode(vq_model, vq_grids, batch, dev)
+    write_images(out, images, labels)
+    meta.update(shape=list(images.shape), dtype="uint8", seconds=round(time.time() - t_start, 3),
+                time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_json_atomic(out / "images.json", meta)
+    print(f"[render] {len(images)} images {images.shape[1]}x{images.shape[2]} -> {out}/images.npz", file=sys.stderr)
+    return meta
+
+
+def write_images(out: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """images.npz (images uint8 (n, H, W, 3), labels) and grid.png, both atomic."""
+    buf = io.BytesIO()
+    np.savez(buf, images=images, labels=labels)
+    write_bytes_atomic(out / "images.npz", buf.getvalue())
+    buf = io.BytesIO()
+    image_grid(images, labels).save(buf, format="PNG")
+    write_bytes_atomic(out / "grid.png", buf.getvalue())
+
+
+def image_grid(images: np.ndarray, labels: np.ndarray, max_per_row: int = 10, max_rows: int = 10,
+               target_cell: int = 96):
+    """A PIL image: one row per class (label on the left) or plain rows for unconditional samples."""
+    from PIL import Image, ImageDraw
+
+    n, H, W = images.shape[:3]
+    scale = max(1, target_cell // max(H, W))
+    cell_h, cell_w = H * scale, W * scale
+    if n and labels.min() >= 0:
+        classes = list(dict.fromkeys(labels.tolist()))[:max_rows]
+        rows = [(f"class {k}", np.nonzero(labels == k)[0][:max_per_row]) for k in classes]
+    else:
+        rows = [("", np.arange(s, min(n, s + max_per_row))) for s in range(0, min(n, max_per_row * max_rows), max_per_row)]
+    margin = 64 if rows and rows[0][0] else 0
+    canvas = Image.new("RGB", (margin + max_per_row * (cell_w + 2), max(1, len(rows)) * (cell_h + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, idx) in enumerate(rows):
+        y = r * (cell_h + 2)
+        if name:
+            draw.text((4, y + cell_h // 2 - 6), name, fill="black")
+        for c, i in enumerate(idx):
+            tile = Image.fromarray(images[i]).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (margin + c * (cell_w + 2), y))
+    return canvas

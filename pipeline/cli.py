@@ -125,7 +125,7 @@ def run_stability(c, a):
 
 
 def run_report(c, a):
-    from .evaluate import report_stage
+    from .report import report_stage
     report_stage(c, a.input, a.metrics, a.html)
 
 

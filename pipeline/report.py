@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from .config import ConfigError
+from .evaluate import metrics_stage
 from .io import read_json, write_bytes_atomic
 from .report_html import (NOT_AVAILABLE, Missing, artifact_path, esc, guard, html_table, image_mime, img_tag, kv,
                           model_label, n_badge, n_text, na, num, section)
@@ -279,6 +281,19 @@ def write_report(metrics_path: str | Path, out_html: str | Path, *, workdir: str
     metrics = read_json(metrics_path)
     write_bytes_atomic(out_html, render_html(metrics, workdir=workdir).encode("utf-8"))
     return Path(out_html)
+
+
+def report_stage(config: dict, inputs: list[str], metrics_path: str | Path, out_html: str | Path) -> None:
+    """The report stage: the artifacts named by ``NAME=PATH`` items -> metrics.json -> report.html."""
+    named = {}
+    for item in inputs:
+        if "=" not in item:
+            raise ConfigError(f"--input '{item}' must look like NAME=PATH")
+        name, path = item.split("=", 1)
+        named[name] = path
+    metrics_stage(config, named, metrics_path)
+    write_report(metrics_path, out_html)
+    print(f"[report] {metrics_path}, {out_html}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

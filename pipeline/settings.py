@@ -93,7 +93,7 @@ RUNTIME_SETTINGS: dict[str, Callable[[dict], dict]] = {
 
 def output_settings(stage: str, config: dict) -> dict:
     if stage not in OUTPUT_SETTINGS:
-        raise KeyError(f"unknown stage {stage!r}; known: {', '.join(OUTPUT_SETTINGS)}")
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(OUTPUT_SETTINGS)}")
     return OUTPUT_SETTINGS[stage](config)
 
 

@@ -93,6 +93,30 @@ def test_dataset_views_and_order(tokens):
     assert 0 < int(h.sum()) < 48
 
 
+
+def test_dataset_of_float_latent_grids(tokens, tmp_path):
+    """Float16 (N, V, h, w, C) shards (continuous latents) stream like code grids: same order and
+    views, float32 (B, h*w, C) batches, no codebook."""
+    latents = []
+    for f in tokens:
+        codes = np.load(f)
+        lat = np.stack([codes, -codes, codes * 0.5], axis=-1).astype(np.float16)   # C = 3, derived from the codes
+        p = tmp_path / Path(f).name
+        np.save(p, lat)
+        meta = json.loads(Path(f).with_suffix(".json").read_text())
+        meta.pop("codebook_size")
+        p.with_suffix(".json").write_text(json.dumps(meta))
+        latents.append(str(p))
+    ds, codes = TokenDataset(latents, seed=3), TokenDataset(tokens, seed=3)
+    assert ds.codebook_size is None and ds.grid == (4, 4) and ds.num_classes == codes.num_classes
+    batch, pos = ds.batch((0, 40), 20)          # runs into epoch 1
+    want, _ = codes.batch((0, 40), 20)
+    assert batch["tokens"].dtype == np.float32 and batch["tokens"].shape == (20, 16, 3) and pos == (1, 12)
+    np.testing.assert_array_equal(batch["tokens"][..., 0], want["tokens"])
+    np.testing.assert_array_equal(batch["tokens"][..., 2], want["tokens"] * 0.5)
+    np.testing.assert_array_equal(batch["labels"], want["labels"])
+
+
 @pytest.mark.parametrize("ema,accum", [(None, 1), (0.9, 2)])
 def test_exact_resume(tokens, tmp_path, ema, accum):
     c = cfg(ema=ema, grad_accum=accum, checkpoint_every=3)

@@ -28,7 +28,7 @@ test-slow: setup data
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # Installs slurmctld/slurmd/munge (apt) and the executor plugin into .slurm-plugin/ when missing;
-# skips when not root. See README, "Running on a SLURM cluster".
+# skips when not root (fails instead under CI=true, as in .ci/run). See README, "Running on a SLURM cluster".
 test-slurm: setup data
 	$(BIN)/python -m pytest -m slurm $(PYTEST_ARGS)
 

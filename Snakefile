@@ -21,6 +21,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/integrity.smk"
 include: "workflow/rules/shards.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/stage1.smk"
@@ -28,7 +29,7 @@ include: "workflow/rules/render.smk"
 include: "workflow/rules/evaluate.smk"
 
 
-rule all:
+rule all:  # every output of every job (see all_targets in common.smk)
     input:
         all_targets,
     default_target: True

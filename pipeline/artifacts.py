@@ -1,39 +1,74 @@
 """`python -m pipeline inspect PATH`: summarise any artifact of the pipeline.
 
 Each summariser returns a JSON-able dict; `format_summary` prints it for people. Later stages
-register their artifact kinds with `@summariser(predicate)`. (The module is called `artifacts`, not
-`inspect`, so that it does not shadow the standard library's `inspect`.)
+register their artifact kinds with `@summariser(predicate, what)`; `supported()` lists the ``what``
+of each (shown in ``inspect --help`` and when a file is not supported). (The module is called
+`artifacts`, not `inspect`, so that it does not shadow the standard library's `inspect`.)
+
+Nothing is unpickled that could run code: torch files load with ``weights_only=True`` unless
+``summarise(..., trust=True)`` (``inspect --trust``). A damaged file is a ValueError naming it.
 """
 from __future__ import annotations
 
 import collections
+import contextvars
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-_SUMMARISERS: list[tuple[Callable[[Path], bool], Callable[[Path], dict]]] = []
+from .io import UntrustedPickle, check_torch_file, load_torch
+
+_SUMMARISERS: list[tuple[Callable[[Path], bool], Callable[[Path], dict], str]] = []
+_TRUST = contextvars.ContextVar("trust_pickles", default=False)   # set by summarise(trust=...)
 
 
-def summariser(predicate: Callable[[Path], bool]):
+def summariser(predicate: Callable[[Path], bool], what: str):
+    """Register ``fn(path) -> dict`` for the paths ``predicate`` accepts; ``what`` names them in help."""
     def register(fn):
-        _SUMMARISERS.append((predicate, fn))
+        _SUMMARISERS.append((predicate, fn, what))
         return fn
     return register
 
 
-def summarise(path: str | Path) -> dict:
+def supported() -> list[str]:
+    """What ``inspect`` reads, one phrase per registered summariser, in the order they are tried."""
+    return [what for _, _, what in _SUMMARISERS]
+
+
+def summarise(path: str | Path, trust: bool = False) -> dict:
+    """The summary of the artifact at ``path``; ValueError naming it when it is damaged or unsupported.
+    ``trust``: load torch files with ``weights_only=False`` (runs any code in them; warns on stderr)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such artifact: {path}")
-    for predicate, fn in _SUMMARISERS:
-        if predicate(path):
-            return {"path": str(path), **fn(path)}
-    raise ValueError(f"don't know how to inspect {path} (supported: shard .tar, manifest.parquet, "
-                     "shards/<dataset>/ folders, .json sidecars)")
+    token = _TRUST.set(trust)
+    try:
+        for predicate, fn, what in _SUMMARISERS:
+            if _guarded(predicate, path, what):
+                return {"path": str(path), **_guarded(fn, path, what)}
+    finally:
+        _TRUST.reset(token)
+    raise ValueError(f"{path}: don't know how to inspect this; supported: {'; '.join(supported())}")
+
+
+def _guarded(fn: Callable, path: Path, what: str):
+    """``fn(path)``, with any failure turned into one ValueError naming ``path`` and ``what`` it is."""
+    try:
+        return fn(path)
+    except Exception as e:  # noqa: BLE001 - whatever a broken file makes a reader raise
+        if isinstance(e, ValueError) and str(e).startswith(str(path)):
+            raise   # already names the file
+        raise ValueError(f"{path}: damaged or unreadable {what} ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 def format_summary(summary: dict, indent: int = 0) -> str:
@@ -58,9 +93,10 @@ def histogram(values) -> dict:
 
 # ---------------------------------------------------------------- shards
 
-@summariser(lambda p: p.is_file() and p.suffix == ".tar")
+@summariser(lambda p: p.is_file() and p.suffix == ".tar", "shard .tar")
 def summarise_shard(path: Path) -> dict:
     from PIL import Image
+    check_tar_end(path)
     keys, labels, sizes, exts = [], [], collections.Counter(), collections.Counter()
     with tarfile.open(path, "r") as tar:
         for info in tar:
@@ -81,7 +117,18 @@ def summarise_shard(path: Path) -> dict:
     }
 
 
-@summariser(lambda p: p.is_file() and p.name.endswith(".parquet"))
+def check_tar_end(path: Path) -> None:
+    """ValueError unless the tar ends with its end-of-archive marker (two zero blocks): a tar cut at a
+    member boundary reads without error, one member short."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if size % 512 or len(tail) < 1024 or tail.count(0) != 1024:
+        raise ValueError(f"{path}: truncated tar ({size} bytes, no end-of-archive marker)")
+
+
+@summariser(lambda p: p.is_file() and p.name.endswith(".parquet"), "manifest .parquet")
 def summarise_manifest(path: Path) -> dict:
     import pyarrow.parquet as pq
     table = pq.read_table(path).to_pydict()
@@ -95,7 +142,7 @@ def summarise_manifest(path: Path) -> dict:
     return out
 
 
-@summariser(lambda p: p.is_dir() and (p / "dataset.json").is_file())
+@summariser(lambda p: p.is_dir() and (p / "dataset.json").is_file(), "dataset folder with dataset.json")
 def summarise_dataset(path: Path) -> dict:
     meta = json.loads((path / "dataset.json").read_text())
     return {"kind": "sharded dataset", "name": meta["name"], "source": meta["source"], "path_in": meta["path"],
@@ -107,7 +154,7 @@ def summarise_dataset(path: Path) -> dict:
 
 # ---------------------------------------------------------------- tokenizer artifacts
 
-@summariser(lambda p: p.is_dir() and p.suffix == ".zarr")
+@summariser(lambda p: p.is_dir() and p.suffix == ".zarr", "feature store .zarr")
 def summarise_zarr(path: Path) -> dict:
     import zarr
     arr = zarr.open_array(str(path), mode="r")
@@ -135,8 +182,18 @@ def codebook_stats(tokens: np.ndarray, k: int | None) -> dict:
             "top_tokens": {str(int(t)): int(counts[t]) for t in top if counts[t] > 0}}
 
 
-@summariser(lambda p: p.is_file() and p.suffix == ".npy" and p.with_suffix(".json").is_file()
-            and json.loads(p.with_suffix(".json").read_text()).get("stage") == "tokens")
+def _is_token_shard(p: Path) -> bool:
+    sidecar = p.with_suffix(".json")
+    if not (p.is_file() and p.suffix == ".npy" and sidecar.is_file()):
+        return False
+    try:
+        meta = json.loads(sidecar.read_text())
+    except ValueError as e:
+        raise ValueError(f"{p}: its sidecar {sidecar.name} is not valid JSON ({e})") from e
+    return isinstance(meta, dict) and meta.get("stage") == "tokens"
+
+
+@summariser(_is_token_shard, "token shard .npy with its .json")
 def summarise_tokens(path: Path) -> dict:
     grids = np.load(path, mmap_mode="r")
     meta = json.loads(path.with_suffix(".json").read_text())
@@ -146,7 +203,7 @@ def summarise_tokens(path: Path) -> dict:
             **codebook_stats(np.asarray(grids), meta.get("codebook_size"))}
 
 
-@summariser(lambda p: p.is_file() and p.name == "centroids.npy")
+@summariser(lambda p: p.is_file() and p.name == "centroids.npy", "centroids.npy")
 def summarise_centroids(path: Path) -> dict:
     c = np.load(path)
     out = {"kind": "k-means centroids", "shape": list(c.shape), "dtype": str(c.dtype),
@@ -168,20 +225,28 @@ def summarise_centroids(path: Path) -> dict:
 
 # ---------------------------------------------------------------- checkpoints and samples
 
-def _load_pickle(path: Path) -> dict:
+def _load_torch_file(path: Path):
+    """Tensors and plain data only; with trust (``inspect --trust``) anything, after a warning."""
+    if not _TRUST.get():
+        try:
+            return load_torch(path)
+        except UntrustedPickle as e:
+            raise UntrustedPickle(f"{e}; `inspect --trust` loads it anyway, running any code inside: "
+                                  "only for files from a source you trust") from None
     import torch
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # our own training checkpoints hold numpy RNG states
-        return torch.load(path, map_location="cpu", weights_only=False)
+    print(f"warning: --trust: unpickling {path} with weights_only=False; any code inside it runs",
+          file=sys.stderr, flush=True)
+    check_torch_file(path)
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
-@summariser(lambda p: p.is_file() and p.suffix in (".pt", ".pth"))
+@summariser(lambda p: p.is_file() and p.suffix in (".pt", ".pth", ".ckpt"), "checkpoint .pt/.pth/.ckpt")
 def summarise_checkpoint(path: Path) -> dict:
-    ckpt = _load_pickle(path)
+    ckpt = _load_torch_file(path)
     if not isinstance(ckpt, dict):
         return {"kind": "torch file", "type": type(ckpt).__name__}
-    state = ckpt.get("model") or ckpt.get("state_dict") or {k: v for k, v in ckpt.items() if hasattr(v, "shape")}
+    state = next((v for v in (ckpt.get("model"), ckpt.get("state_dict")) if isinstance(v, dict) and v),
+                 {k: v for k, v in ckpt.items() if hasattr(v, "shape")})
     params = sum(int(v.numel()) for v in state.values() if hasattr(v, "numel"))
     out = {"kind": f"checkpoint ({ckpt.get('format', 'state dict')})", "parameters": params,
            "tensors": len(state), "keys": sorted(ckpt)[:20]}
@@ -196,7 +261,7 @@ def summarise_checkpoint(path: Path) -> dict:
     return out
 
 
-@summariser(lambda p: p.is_dir() and (p / "samples.json").is_file())
+@summariser(lambda p: p.is_dir() and (p / "samples.json").is_file(), "sample folder with samples.json")
 def summarise_samples(path: Path) -> dict:
     tokens = np.load(path / "tokens.npy", mmap_mode="r")
     labels = np.load(path / "labels.npy")
@@ -210,10 +275,10 @@ def summarise_samples(path: Path) -> dict:
     return out
 
 
-@summariser(lambda p: p.is_file() and p.suffix == ".npz")
+@summariser(lambda p: p.is_file() and p.suffix == ".npz", ".npz arrays")
 def summarise_images(path: Path) -> dict:
     """images.npz of the render stage (or any .npz: its arrays' shapes)."""
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:
         if "images" not in z.files:
             return {"kind": "npz", "arrays": {k: [list(z[k].shape), str(z[k].dtype)] for k in z.files}}
         images = z["images"]
@@ -230,13 +295,13 @@ def summarise_images(path: Path) -> dict:
     return out
 
 
-@summariser(lambda p: p.is_file() and p.suffix == ".json")
+@summariser(lambda p: p.is_file() and p.suffix == ".json", ".json sidecar")
 def summarise_json(path: Path) -> dict:
     meta = json.loads(path.read_text())
     return {"kind": "json sidecar", "content": meta}
 
 
-@summariser(lambda p: p.is_file() and p.suffix == ".npy")
+@summariser(lambda p: p.is_file() and p.suffix == ".npy", ".npy array")
 def summarise_npy(path: Path) -> dict:
     arr = np.load(path, mmap_mode="r")
     return {"kind": "numpy array", "shape": list(arr.shape), "dtype": str(arr.dtype)}

@@ -5,10 +5,14 @@ A checkpoint is one ``torch.save`` dict (loads with ``weights_only=True``):
     format, family, model_config, model, optimizer, scheduler, ema, step, data_position, rng,
     train_cfg, token_files, elapsed, num_params
 
-``last.pt`` is rewritten atomically every ``checkpoint_every`` steps and at the end; ``final.pt``
-is a copy of it once all ``steps`` are done. A run resumes from ``last.pt`` only when the
-settings that shape the model and its data (everything but ``RESUME_FREE_KEYS``) and the input
-files (size and sha256) are the same, and it has not gone past a now smaller ``steps``.
+``last.pt`` is rewritten every ``checkpoint_every`` steps and at the end, keeping the one before
+as ``prev.pt`` (``write`` with ``previous``: a kill at any moment leaves a complete checkpoint at
+one of the two names); ``final.pt`` is a copy of it once all ``steps`` are done. A run resumes
+from ``last.pt`` (or ``prev.pt`` when ``last.pt`` is damaged or missing) only when the settings
+that shape the model and its data (everything but ``RESUME_FREE_KEYS``) and the input files
+(size and sha256) are the same, and it has not gone past a now smaller ``steps``.
+
+``read`` turns every unreadable, truncated, corrupt or foreign file into a ValueError naming it.
 """
 from __future__ import annotations
 
@@ -23,12 +27,15 @@ import torch
 from torch import nn
 
 from .families import family
-from .io import atomic_path, file_sha256
+from .io import atomic_path, file_sha256, load_torch, tmp_path_for
 
 FORMAT = "digit-stage1-v1"   # the name predates other families; kept so older runs still resume
 DEFAULT_FAMILY = "gpt"       # checkpoints written before the family was recorded
 # keys of train_cfg that may change between an interrupted run and its resumption
 RESUME_FREE_KEYS = ("steps", "log_every", "checkpoint_every", "device", "processes")
+# what a checkpoint must hold to load a generator from it, and to resume training from it
+GENERATOR_KEYS = ("model_config", "model", "step", "train_cfg")
+RESUME_KEYS = GENERATOR_KEYS + ("optimizer", "scheduler", "data_position", "rng")
 
 
 def normalise_cfg(cfg: dict) -> dict:
@@ -45,13 +52,38 @@ def file_ids(files: list[str]) -> list[dict]:
     return [{"path": f, "size": os.path.getsize(f), "sha256": file_sha256(f)} for f in files]
 
 
-def read(path: str | Path, device="cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
+def read(path: str | Path, device="cpu", needs: tuple[str, ...] = GENERATOR_KEYS) -> dict:
+    """A training checkpoint (tensors and plain data only) holding the keys ``needs``; ValueError
+    naming the file when it is unreadable, truncated, corrupt, holds pickled objects, or is not one."""
+    ck = load_torch(path, device)
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        what = f"format {ck.get('format')!r}" if isinstance(ck, dict) else f"a {type(ck).__name__}"
+        raise ValueError(f"{path}: not a training checkpoint ({what}; expected format {FORMAT!r})")
+    missing = [k for k in needs if k not in ck]
+    if missing:
+        raise ValueError(f"{path}: incomplete training checkpoint (no {', '.join(missing)})")
+    return ck
 
 
-def write(path: str | Path, checkpoint: dict) -> None:
-    with atomic_path(path) as tmp:
+def write(path: str | Path, checkpoint: dict, previous: str | Path | None = None) -> None:
+    """Save ``checkpoint`` at ``path``; with ``previous``, the file now at ``path`` moves there.
+
+    Order: the temp file (complete and synced), then ``path`` -> ``previous``, then temp -> ``path``.
+    A kill while writing the temp leaves both old files; between the renames, ``previous`` holds
+    the newest complete checkpoint and ``path`` is missing; the temp is a stale one either way."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    try:
         torch.save(checkpoint, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def copy(src: str | Path, dst: str | Path) -> None:
@@ -95,12 +127,13 @@ def load_generator(checkpoint: str, ema: bool = True, device: str = "cpu") -> tu
     """A frozen trained generator of any family (EMA weights when present and ``ema``), in eval
     mode, and what the checkpoint says about it."""
     ck = read(checkpoint, device)
-    if ck.get("format") != FORMAT:
-        raise ValueError(f"{checkpoint}: not a generator checkpoint (format {ck.get('format')!r})")
-    fam = family(ck.get("family", DEFAULT_FAMILY))
-    model = fam.build(ck["model_config"])
     use_ema = bool(ema and ck.get("ema") is not None)
-    model.load_state_dict(ck["ema"] if use_ema else ck["model"])
+    try:
+        fam = family(ck.get("family", DEFAULT_FAMILY))
+        model = fam.build(ck["model_config"])
+        model.load_state_dict(ck["ema"] if use_ema else ck["model"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:   # a config or weights that do not fit
+        raise ValueError(f"{checkpoint}: cannot build its {ck.get('family', DEFAULT_FAMILY)!r} model: {e}") from e
     model.to(device).eval().requires_grad_(False)
     meta = {"family": fam.name, "step": ck["step"], "train_cfg": ck["train_cfg"],
             "model_config": fam.config_dict(model), "sha256": file_sha256(checkpoint), "ema": use_ema,

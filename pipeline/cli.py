@@ -51,7 +51,7 @@ OUT_ARG = arg("--out", required=True)
 
 def run_shards(c, a):
     from .shards import shards_stage
-    shards_stage(c, out_root=a.out_root, progress=not a.quiet)
+    shards_stage(c, out_root=a.out_root, progress=not a.quiet, verify=a.verify)
 
 
 def run_train_encoder(c, a):
@@ -131,8 +131,15 @@ def run_report(c, a):
 
 def run_inspect(c, a):
     from .artifacts import format_summary, summarise
-    summary = summarise(a.path)
+    summary = summarise(a.path, trust=a.trust)
     print(json.dumps(summary, indent=2) if a.as_json else format_summary(summary))
+
+
+def inspect_description() -> str:
+    from .artifacts import supported
+    return ("Prints what an artifact holds: counts, shapes, codebook use, provenance. Reads: "
+            f"{'; '.join(supported())}. Never runs code from a file: torch files load tensors and plain data only "
+            "(weights_only=True) unless --trust. A damaged or unsupported file is one error line, exit status 2.")
 
 
 def run_config(c, a):
@@ -153,8 +160,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("shards", "image source -> WebDataset shards + manifest.parquet",
             "Read the configured source (Fashion-MNIST idx, ImageFolder, or WebDataset tars) and write "
             "shards/{dataset}/{split}-{i:06d}.tar, manifest.parquet and dataset.json. Up-to-date shards are kept, "
-            "so an interrupted run resumes.", run_shards,
-            (arg("--out-root", default="shards", help="folder that holds one subfolder per dataset (default: shards)"),),
+            "so an interrupted run resumes; damaged tars (size, or sha256 when the mtime changed or with --verify) "
+            "are rewritten and reported.", run_shards,
+            (arg("--out-root", default="shards", help="folder that holds one subfolder per dataset (default: shards)"),
+             arg("--verify", action="store_true",
+                 help="hash every existing tar (not only those whose size or mtime changed) and rewrite the damaged "
+                      "ones")),
             threads=False),
     Command("train-encoder", "train the tiny default encoder (a small timm ViT) on the train shards",
             "Supervised training of a small timm ViT on the training shards; held-out accuracy goes into the "
@@ -241,9 +252,11 @@ COMMANDS: tuple[Command, ...] = (
             (arg("--input", action="append", required=True, metavar="NAME=PATH"),
              arg("--metrics", required=True, help="output metrics.json"),
              arg("--html", required=True, help="output report.html")), threads=False),
-    Command("inspect", "summarise an artifact (shard, manifest, dataset folder, sidecar, checkpoint, ...)",
-            "Prints what an artifact holds: counts, shapes, codebook use, provenance.", run_inspect,
-            (arg("path"), arg("--json", dest="as_json", action="store_true", help="print JSON instead of text")),
+    Command("inspect", "summarise an artifact (shard, manifest, features, tokens, checkpoint, samples, ...)",
+            inspect_description(), run_inspect,
+            (arg("path"), arg("--json", dest="as_json", action="store_true", help="print JSON instead of text"),
+             arg("--trust", action="store_true", help="load a .pt/.pth/.ckpt with weights_only=False, which runs any "
+                 "code pickled inside it: only for files from a source you trust")),
             config=False, threads=False),
     Command("config", "print the validated config with defaults filled in (or the schema, or a stage's settings)",
             "Prints the configuration every stage would see, the schema that documents every key (--schema), or "

@@ -6,22 +6,40 @@ square (view 0: centre; views >= 1: random position, random horizontal flip, see
 interpolation without antialias (DiGIT feeds DINOv2 the 256-px VQGAN crop downsampled to 224 this
 way). Crop parameters depend only on the seed, the key, the view and the image size, so the VQ
 tokens of a later stage can be taken from exactly the same pixels as the DiGIT tokens.
+
+Integrity: every reader goes through `index_shard` and `read_image`. When `manifest.parquet`
+sits next to a shard (the shards stage writes it), the shard must hold exactly the manifest's
+keys, in order, with its labels, and each image's bytes must have the sha1 it records; a tar
+that is damaged (bad header, cut short) or an image that does not decode stops with `ShardError`
+naming the shard and the key, with or without a manifest. A bare tar without a manifest (a test,
+a hand-made shard) is read without the key and sha1 checks. The manifest is read once per
+folder and process (re-read when it changes); checking a sha1 costs little next to decoding.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
 import sys
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .sources import DamagedTar, tar_members
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+MANIFEST = "manifest.parquet"
+SHARD_FILE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")   # the shards stage's `{split}-{i:06d}.tar`
+REPAIR = "the shard is damaged; rewrite it with `python -m pipeline shards --verify` (same config)"
 
 
 @dataclass(frozen=True)
@@ -44,45 +62,164 @@ class ViewSpec:
 
 # ---------------------------------------------------------------- shard index
 
+class ShardError(ValueError):
+    """A shard that is damaged or differs from its manifest.parquet; the message names the shard and the key."""
+
+    def __init__(self, message: str):
+        super().__init__(_original_message(message))
+
+
+def _original_message(message: str) -> str:
+    """A DataLoader worker re-raises ShardError(its traceback as text): keep the original one line."""
+    if not message.startswith("Caught ShardError"):
+        return message
+    lines = [line for line in message.splitlines() if "ShardError: " in line]
+    return lines[-1].split("ShardError: ", 1)[1] if lines else message
+
+
 @dataclass(frozen=True)
 class ShardSample:
     key: str
     label: int
     image: tuple  # (offset, size) of the image member inside the tar
+    sha1: str | None = None  # of the image bytes, from manifest.parquet (None: no manifest to check against)
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    key: str
+    label: int
+    sha1: str
+
+
+_MANIFESTS: dict[str, tuple[tuple[int, int], pa.Table]] = {}   # path -> ((mtime_ns, size), table)
+
+
+def manifest_rows(tar_path: str | Path) -> list[ManifestRow] | None:
+    """The rows manifest.parquet (in the shard's folder) lists for this shard, in shard order.
+
+    None when there is no manifest, or the file is not named `{split}-{i:06d}.tar` (not one of its shards).
+    """
+    tar_path = Path(tar_path)
+    name = SHARD_FILE.match(tar_path.name)
+    table = _manifest_table(tar_path.parent / MANIFEST) if name else None
+    if table is None:
+        return None
+    mask = pc.and_(pc.equal(table["split"], name["split"]), pc.equal(table["shard"], int(name["index"])))
+    rows = table.filter(mask).sort_by("index")
+    return [ManifestRow(*row) for row in zip(*(rows[c].to_pylist() for c in ("key", "label", "sha1")))]
+
+
+def _manifest_table(path: Path) -> pa.Table | None:
+    """The manifest's columns the readers check, cached per folder; re-read when the file changes."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    stamp, cache_key = (st.st_mtime_ns, st.st_size), os.path.abspath(path)
+    cached = _MANIFESTS.get(cache_key)
+    if cached is None or cached[0] != stamp:
+        try:
+            table = pq.read_table(path, columns=["key", "split", "shard", "index", "label", "sha1"])
+        except (OSError, pa.ArrowException) as exc:
+            raise ShardError(f"{path}: unreadable ({exc}); rerun the shards stage to rewrite it") from exc
+        cached = _MANIFESTS[cache_key] = (stamp, table)
+    return cached[1]
 
 
 def index_shard(tar_path: str | Path) -> list[ShardSample]:
-    """List a shard's samples in order, with byte offsets, without reading image data."""
-    groups: dict[str, dict] = {}
-    order: list[str] = []
-    try:
-        with tarfile.open(tar_path, "r") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, _, ext = info.name.partition(".")
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                if ext == "cls":
-                    groups[key]["label"] = int(tar.extractfile(info).read())
-                elif ext in IMAGE_EXTS:
-                    groups[key]["image"] = (info.offset_data, info.size)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise ValueError(f"unreadable shard {tar_path}: {exc}") from exc
-    missing = [k for k in order if "image" not in groups[k]]
+    """List a shard's samples in order, with byte offsets, without reading image data.
+
+    Checked against manifest.parquet when there is one (keys in order, labels; the sha1 of each
+    image goes into its ShardSample for `read_image`); ShardError on any difference or damage.
+    """
+    samples, damage = _scan_shard(tar_path)
+    expected = manifest_rows(tar_path)
+    if expected is not None:
+        _require_manifest_keys(tar_path, samples, expected, damage)
+    if damage:
+        raise ShardError(f"{tar_path}: {damage}: {REPAIR}")
+    missing = [s.key for s in samples if s.image is None]
     if missing:
-        raise ValueError(f"{tar_path}: samples without an image member: {missing[:5]}")
-    return [ShardSample(k, groups[k].get("label", -1), groups[k]["image"]) for k in order]
+        raise ShardError(f"{tar_path}: samples without an image member: {missing[:5]}: {REPAIR}")
+    if expected is None:
+        return samples
+    return [replace(s, sha1=row.sha1) for s, row in zip(samples, expected)]
 
 
-def read_image(tar_path: str | Path, sample: ShardSample) -> Image.Image:
+def _scan_shard(tar_path: str | Path) -> tuple[list[ShardSample], str | None]:
+    """The samples the tar holds up to any damage, and the damage (None when the tar is whole)."""
+    groups: dict[str, dict] = {}
+    try:
+        for tar, info in tar_members(tar_path):
+            key, _, ext = info.name.partition(".")
+            group = groups.setdefault(key, {})
+            if ext == "cls":
+                group["label"] = _read_label(tar, info, tar_path)
+            elif ext in IMAGE_EXTS:
+                group["image"] = (info.offset_data, info.size)
+    except (DamagedTar, tarfile.TarError, EOFError) as exc:
+        damage = str(exc)
+    else:
+        damage = None
+    return [ShardSample(k, g.get("label", -1), g.get("image")) for k, g in groups.items()], damage
+
+
+def _read_label(tar: tarfile.TarFile, info: tarfile.TarInfo, tar_path) -> int:
+    data = tar.extractfile(info).read()
+    try:
+        return int(data)
+    except ValueError:
+        raise ShardError(f"{tar_path}: label member {info.name} holds {data[:20]!r}, not a number: {REPAIR}") from None
+
+
+def _require_manifest_keys(tar_path, samples: list[ShardSample], expected: list[ManifestRow],
+                           damage: str | None) -> None:
+    """ShardError unless the shard holds the manifest's keys, in order, with its labels."""
+    keys, want = [s.key for s in samples], [r.key for r in expected]
+    where = f"; {damage}" if damage else ""
+    if len(keys) != len(want):
+        missing = _first_not_in(want, keys)
+        detail = f"first missing key: {missing}" if missing else f"unexpected key: {_first_not_in(keys, want)}"
+        raise ShardError(f"{tar_path}: {len(keys)} samples, {MANIFEST} lists {len(want)} ({detail}{where}): {REPAIR}")
+    for i, (sample, row) in enumerate(zip(samples, expected)):
+        if sample.key != row.key:
+            raise ShardError(f"{tar_path}: sample {i} has key {sample.key}, {MANIFEST} lists {row.key}{where}: "
+                             f"{REPAIR}")
+        if sample.label != row.label:
+            raise ShardError(f"{tar_path}: label of key {row.key} is {sample.label}, {MANIFEST} records {row.label}"
+                             f"{where}: {REPAIR}")
+
+
+def _first_not_in(keys: list[str], others: list[str]) -> str | None:
+    other = set(others)
+    return next((k for k in keys if k not in other), None)
+
+
+def image_bytes(tar_path: str | Path, sample: ShardSample) -> bytes:
+    """The stored bytes of one sample's image; ShardError if they are cut short or their sha1 is not the manifest's."""
     offset, size = sample.image
     with open(tar_path, "rb") as f:
         f.seek(offset)
         data = f.read(size)
-    img = Image.open(io.BytesIO(data))
-    return img.convert("RGB")
+    if len(data) != size:
+        raise ShardError(f"{tar_path}: image of key {sample.key} is cut short ({len(data)} of {size} bytes): {REPAIR}")
+    if sample.sha1 is not None:
+        digest = hashlib.sha1(data).hexdigest()
+        if digest != sample.sha1:
+            raise ShardError(f"{tar_path}: image of key {sample.key} has sha1 {digest}, {MANIFEST} records "
+                             f"{sample.sha1}: {REPAIR}")
+    return data
+
+
+def read_image(tar_path: str | Path, sample: ShardSample) -> Image.Image:
+    """Decode one sample's image as RGB; ShardError (naming the shard and the key) for bad bytes."""
+    data = image_bytes(tar_path, sample)
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # what PIL raises for corrupt data
+        raise ShardError(f"{tar_path}: image of key {sample.key} does not decode ({type(exc).__name__}: {exc}): "
+                         f"{REPAIR}") from exc
 
 
 # ---------------------------------------------------------------- views

@@ -21,7 +21,7 @@ from .config import ConfigError
 from .encoder_fixtures import build_random_dinov2
 from .encoder_layouts import (StateDict, block_count, official_to_timm_state_dict, strip_prefix,
                               to_official_state_dict, validate_official_state_dict)
-from .io import atomic_path, file_sha256
+from .io import atomic_path, file_sha256, load_torch
 from .models.patch_encoder import (DINOV2_ARCHS, PatchEncoder, dinov2_spec, empty_timm_model, grid_for,
                                    resample_timm_pos_embed, resolve_block_index, wrap_truncated_vit)
 from .models.state_dicts import load_exact, name_keys
@@ -71,11 +71,15 @@ def _weight_files(path: Path, arch: str | None) -> list[Path]:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    """The dict in one weights file (tensors and plain data only); ValueError naming it if damaged."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors' own error types: truncated header, bad offsets, ...
+            raise ValueError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from e
+    obj = load_torch(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return obj

@@ -12,6 +12,9 @@ Reference images are the view-0 crops (resize shorter side, centre crop: the pix
 renders) of the first ``n_reference`` images of the reference split (all with 0). FID uses the
 user's statistics file when ``evaluate.reference_stats`` is set (e.g. ADM's ImageNet 256 batch);
 precision/recall always need real features, so those come from the reference split.
+
+Before scoring, reference.json must record the configured network and the sha256 of its
+stats.npz, and statistics that name their network (ours) must name the configured one.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from .feature_network import FeatureNet, load_feature_network
 from .fid_stats import load_stats, save_stats
 from .io import file_sha256, read_json, write_json_atomic, write_npy_atomic
 from .metrics import fid
+from .provenance import require_same
 
 METRICS_FORMAT = "digit-metrics-v1"
 METRICS_SCHEMA = Path(__file__).resolve().parent / "schemas" / "metrics.schema.yaml"
@@ -65,11 +69,17 @@ def reference_stage(config: dict, tars: list[str], out_dir: str, *, progress: bo
 
 
 def _checked_reference(ref_dir: Path, net: FeatureNet) -> dict:
-    """reference.json of ``ref_dir``, whose features must come from the configured network."""
-    ref_meta = read_json(ref_dir / "reference.json")
-    if ref_meta["feature_network"] != net.id:
-        raise ValueError(f"{ref_dir}: reference features come from {ref_meta['feature_network']}, "
-                         f"not the configured {net.id}; rerun the reference stage")
+    """reference.json of ``ref_dir``, whose features must come from the configured network and
+    whose stats.npz must be the file it records."""
+    ref_json = ref_dir / "reference.json"
+    ref_meta = read_json(ref_json)
+    require_same("feature network", f"the configured network {net.path}", net.id, ref_json,
+                 ref_meta["feature_network"], "the reference features come from another network; rerun the "
+                                              "reference stage")
+    if ref_meta.get("stats_sha256"):
+        require_same("sha256", ref_dir / "stats.npz", file_sha256(ref_dir / "stats.npz"), ref_json,
+                     ref_meta["stats_sha256"], "the reference statistics were replaced or half-written; rerun the "
+                                               "reference stage")
     return ref_meta
 
 
@@ -89,6 +99,13 @@ def _fid_reference(ev: dict, ref_dir: Path) -> tuple[dict, str]:
     return load_stats(path), path
 
 
+def _check_stats_network(stats: dict, path: str, net: FeatureNet) -> None:
+    """Statistics that record their network (ours do, ADM's do not) must come from ``net``."""
+    if stats.get("network_id") is not None:
+        require_same("feature network", f"the configured network {net.path}", net.id, path, stats["network_id"],
+                     "the FID statistics come from another network; recompute them with this one")
+
+
 def score_stage(config: dict, images_npz: str, reference_dir: str, out_json: str, *, progress: bool = True) -> dict:
     """FID / IS / precision-recall of the images in ``images_npz`` against the reference."""
     ev = config["evaluate"]
@@ -96,9 +113,10 @@ def score_stage(config: dict, images_npz: str, reference_dir: str, out_json: str
     net = _network(config)
     ref_dir = Path(reference_dir)
     images = _sample_images(images_npz, _checked_reference(ref_dir, net))
+    ref, ref_stats_path = _fid_reference(ev, ref_dir)
+    _check_stats_network(ref, ref_stats_path, net)
     feats, logits = net.extract(images, int(ev["batch_size"]), progress, desc=f"inception {Path(images_npz).parent.name}")
     mu, sigma = fid.activation_statistics(feats)
-    ref, ref_stats_path = _fid_reference(ev, ref_dir)
     fid_value = fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     real = np.load(ref_dir / "features.npy")
     precision, recall = fid.precision_recall(real, feats, k=int(ev["pr_k"]))

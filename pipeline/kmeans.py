@@ -13,6 +13,7 @@ shape (N, T, D) float16, chunked along N, attrs with "keys" (N str) and encoder 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -379,6 +380,8 @@ def run_kmeans_stage(store_paths: Sequence[str | Path], out_dir: str | Path, k: 
     t0 = time.perf_counter()
     write_npy_atomic(out_dir / "centroids.npy", centroids)
     t_write = time.perf_counter() - t0
+    if os.environ.get("DIGIT_SLEEP_BETWEEN_WRITES"):  # test hook: a window to kill the job between the files
+        time.sleep(float(os.environ["DIGIT_SLEEP_BETWEEN_WRITES"]))
 
     indices = sample.pop("indices")
     sample["indices_dtype"] = str(indices.dtype)

@@ -4,6 +4,12 @@ DiGIT samples go through stage 2 (the GPT with the DiGIT grid as context draws t
 resumable in parts under ``render/``, seeded per sample on a stream of its own) and then the VQGAN
 decoder; VQ-token samples are decoded directly. Writes ``images.npz`` (uint8 (n, H, W, 3) +
 labels), ``grid.png`` (one row per class) and ``images.json`` (provenance).
+
+Provenance, checked before any work: the VQ file must match the sha256 its ``.json`` records and
+be the VQ checkpoint that made the VQ tokens the decoded grids' model was trained on (stage 2's,
+or the VQ baseline's as samples.json records it); stage 2's context tokens must come from the
+tokenizer (centroids, encoder) of the stage-1 model whose samples it renders. A record that is
+absent (hand-made checkpoints and sample folders) is not checked.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch
 from .devices import resolve_device
 from .io import file_sha256, write_bytes_atomic, write_json_atomic, write_npy_atomic
 from .models.sampling import sample
+from .provenance import Record, label, model_tokenizer, record_from_json, require_recorded_sha256, require_same
 from .sample import SEED_RULE, gather_parts, params_hash, run_parts, sample_seed
 from .train import load_model
 from .vq import load_configured_vq, load_vq, to_uint8
@@ -35,6 +42,30 @@ def _decode(vq_model, grids: np.ndarray, batch_size: int, device) -> np.ndarray:
             ids = torch.from_numpy(grids[s:s + batch_size].astype(np.int64)).to(device)
             out.append(to_uint8(vq_model.decode_indices(ids)).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def require_vq(vq_checkpoint, vq_sha: str, record: Record, hint: str) -> None:
+    """The VQ file decoding must be the one ``record`` (a model's tokenizer) says made its tokens."""
+    if "vq_checkpoint_sha256" in record:
+        shard, recorded = record["vq_checkpoint_sha256"]
+        require_same("sha256", vq_checkpoint, vq_sha, shard, recorded, hint)
+
+
+def check_stage2_provenance(src: Path, src_meta: dict, vq_checkpoint, vq_sha: str, stage2_checkpoint: str,
+                            s2_meta: dict) -> None:
+    """Stage 2 must have been trained on VQ tokens of ``vq_checkpoint``, and on context tokens of the
+    tokenizer of the stage-1 model whose samples it renders (samples.json ``tokenizer``)."""
+    s2_tok = model_tokenizer(s2_meta.get("token_files"))
+    require_vq(vq_checkpoint, vq_sha, s2_tok,
+               f"stage 2 ({stage2_checkpoint}) was trained on VQ tokens of another VQ checkpoint; decode with that "
+               f"one, or retrain stage 2 on tokens of this one")
+    samples_tok = record_from_json(src_meta.get("tokenizer"))
+    for key in sorted((samples_tok.keys() & s2_tok.keys()) - {"vq_checkpoint_sha256"}):
+        (s_file, s_value), (c_file, c_value) = samples_tok[key], s2_tok[key]
+        require_same(label(key), f"{stage2_checkpoint} (context shard {c_file})", c_value,
+                     f"{src / 'samples.json'} (shard {s_file} of its stage-1 model)", s_value,
+                     "stage 2 was trained on DiGIT tokens of another tokenizer than the stage-1 model whose samples "
+                     "it renders; train both on the same tokens")
 
 
 def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = None, render_cfg: dict | None = None,
@@ -58,6 +89,7 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
     labels = np.load(src / "labels.npy")
     src_meta = json.loads((src / "samples.json").read_text())
     # a taming checkpoint needs the configured architecture; our own files carry theirs
+    require_recorded_sha256(vq_checkpoint, "the VQ checkpoint was replaced or half-written; rerun the train-vq stage")
     vq_model = load_configured_vq(vq_section, vq_checkpoint)[0] if vq_section else load_vq(vq_checkpoint)[0]
     vq_model.to(dev).eval()
     vq_sha = file_sha256(vq_checkpoint)
@@ -70,6 +102,9 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
             raise ValueError(f"{src}/tokens.npy holds grids {tokens.shape[1:]} with ids up to {tokens.max()}: not "
                              f"tokens of the VQ model {vq_checkpoint} ({vq_model.grid_size}x{vq_model.grid_size}, "
                              f"{vq_model.codebook_size} codes); DiGIT tokens need --stage2")
+        require_vq(vq_checkpoint, vq_sha, record_from_json(src_meta.get("tokenizer")),
+                   f"the model whose samples these are ({src_meta.get('checkpoint')}) was trained on tokens of "
+                   f"another VQ checkpoint; decode with that one")
         vq_grids = tokens
         meta["route"] = "VQ tokens decoded directly (VQ-token baseline)"
     else:
@@ -83,6 +118,7 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
         if c.vocab_size != vq_model.codebook_size or c.grid != (vq_model.grid_size,) * 2:
             raise ValueError(f"stage 2 predicts {c.grid} grids of {c.vocab_size} codes, but {vq_checkpoint} "
                              f"has {vq_model.grid_size}x{vq_model.grid_size} and {vq_model.codebook_size} codes")
+        check_stage2_provenance(src, src_meta, vq_checkpoint, vq_sha, str(stage2_checkpoint), s2)
         params = {k: render_cfg.get(k) for k in RENDER_PARAM_KEYS}
         params.update(stage2_sha256=s2["sha256"], weights=s2["weights"], samples_sha256=file_sha256(src / "tokens.npy"),
                       seed_rule=f"{SEED_RULE}, plus {RENDER_SEED_OFFSET}")

@@ -8,7 +8,9 @@ Layout of ``out_dir``::
                               decides its contents; written last, so it marks the part finished
     tokens.npy                (n_total, h, w) uint16, all parts in order
     labels.npy                (n_total,) int64, -1 for an unconditional model
-    samples.json              checkpoint + sha256, every sampling parameter, seed rule, timings
+    samples.json              checkpoint + sha256, every sampling parameter, seed rule, timings,
+                              and ``tokenizer``: what the model's token shards record (centroids /
+                              VQ checkpoint sha256, encoder), which rendering checks
 
 Which samples: a class-conditional model gets exactly ``n_per_class`` samples of each class
 0..C-1 in class-major order (labels 0,0,..,1,1,..); an unconditional model gets ``n`` samples.
@@ -44,6 +46,7 @@ import torch
 from .devices import resolve_device
 from .io import write_json_atomic, write_npy_atomic
 from .models.sampling import sample
+from .provenance import model_tokenizer, record_to_json
 from .train import load_model
 
 SEED_STRIDE = 1_000_003
@@ -189,6 +192,7 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
         "num_classes": c.num_classes, "grid": [h, w], "vocab_size": c.vocab_size,
         "labels_rule": "class-major, n_per_class per class" if c.num_classes else "unconditional: -1",
         "seed_rule": SEED_RULE, "params_hash": phash, "parts": n_parts, "world_size": world,
+        "tokenizer": record_to_json(model_tokenizer(ckpt_meta.get("token_files"))),
         "device": str(dev), "made_samples_this_run": made,
         "sampling_seconds_this_run": round(t_sampling, 3),
         "tokens_per_s": round(made * h * w / t_sampling, 1) if t_sampling > 0 else None,

@@ -8,6 +8,11 @@ Output for dataset D (all under `shards/D/`):
 
 Shards are byte-identical for identical input: items are listed in sorted order and tar headers
 carry no time, owner or permission information of the machine.
+
+Damaged tars are rewritten like missing ones. Each state record holds the tar's size, mtime and
+sha256 at write time: every run compares the size and mtime and hashes a tar only when its mtime
+changed (an edit in place, a copy); `verify=True` (`shards --verify`) hashes every tar. A damaged
+tar is read in full to say what differs (`describe_damage`) and the repair is reported.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import io
 import json
 import os
 import sys
+import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
@@ -139,15 +145,15 @@ def write_shard(job: dict) -> dict:
                              "label": item.label, "width": width, "height": height, "sha1": sha1_bytes(data)})
             f.flush()
             os.fsync(f.fileno())
-    state = {"tar": tar_path.name, "plan_hash": job["plan_hash"], "size": tar_path.stat().st_size,
+    st = tar_path.stat()
+    state = {"tar": tar_path.name, "plan_hash": job["plan_hash"], "size": st.st_size, "mtime_ns": st.st_mtime_ns,
              "sha256": file_sha256(tar_path), "rows": rows, "skipped": skipped}
     write_json_atomic(out_dir / ".state" / f"{tar_path.stem}.json", state)
     return state
 
 
-def _load_done_state(out_dir: Path, split: str, index: int, expected_hash: str) -> dict | None:
-    """A shard counts as done only if its tar and its state record agree with the current plan."""
-    tar_path = out_dir / shard_name(split, index)
+def _load_state(out_dir: Path, tar_path: Path, expected_hash: str) -> dict | None:
+    """The state record of an existing tar written from the current plan (None: write the tar)."""
     state_path = out_dir / ".state" / f"{tar_path.stem}.json"
     if not (tar_path.is_file() and state_path.is_file()):
         return None
@@ -155,15 +161,73 @@ def _load_done_state(out_dir: Path, split: str, index: int, expected_hash: str) 
         state = read_json(state_path)
     except (OSError, json.JSONDecodeError):
         return None
-    if state.get("plan_hash") != expected_hash or state.get("size") != tar_path.stat().st_size:
-        return None
-    return state
+    return state if state.get("plan_hash") == expected_hash else None
+
+
+def _kept_state(out_dir: Path, job: dict, verify: bool) -> tuple[dict | None, str | None]:
+    """(the state record if the shard's tar can be kept, else None; what is wrong with a damaged tar)."""
+    tar_path = out_dir / shard_name(job["split"], job["index"])
+    state = _load_state(out_dir, tar_path, job["plan_hash"])
+    if state is None:
+        return None, None
+    if not _unchanged(tar_path, state, verify):
+        damage = describe_damage(tar_path, state["rows"], job["settings"]["image_format"])
+        return None, damage or "its sha256 differs from the one recorded when it was written"
+    mtime = tar_path.stat().st_mtime_ns
+    if state.get("mtime_ns") != mtime:   # copied or touched, bytes intact: hash it once only
+        state = {**state, "mtime_ns": mtime}
+        write_json_atomic(out_dir / ".state" / f"{tar_path.stem}.json", state)
+    return state, None
+
+
+def _unchanged(tar_path: Path, state: dict, verify: bool) -> bool:
+    """Same size, and same mtime (cheap) or, when `verify` or the mtime differs, the same sha256."""
+    st = tar_path.stat()
+    if st.st_size != state["size"]:
+        return False
+    if not verify and st.st_mtime_ns == state.get("mtime_ns"):
+        return True
+    return file_sha256(tar_path) == state["sha256"]
+
+
+def describe_damage(tar_path: Path, rows: list[dict], ext: str) -> str | None:
+    """Read the whole tar and say where it first differs from the samples it was written with (None: nowhere)."""
+    expected = [(f"{r['key']}.{e}", r) for r in rows for e in (ext, "cls", "json")]
+    done, damage = 0, None
+    try:
+        for tar, info in sources.tar_members(tar_path):
+            if done == len(expected):
+                return f"unexpected member {info.name} after the last sample"
+            name, row = expected[done]
+            if info.name != name:
+                return f"member {info.name} where {name} was written"
+            problem = _member_problem(tar.extractfile(info).read(), name, row, ext)
+            if problem:
+                return problem
+            done += 1
+    except (sources.DamagedTar, tarfile.TarError, EOFError) as exc:
+        damage = str(exc)
+    if done < len(expected):
+        return (f"{done // 3} of {len(rows)} samples intact (first damaged key: {expected[done][1]['key']}"
+                + (f"; {damage})" if damage else ")"))
+    return damage
+
+
+def _member_problem(data: bytes, name: str, row: dict, ext: str) -> str | None:
+    """How one member's bytes differ from what was written (the image's sha1, the label), or None."""
+    if name.endswith(f".{ext}") and sha1_bytes(data) != row["sha1"]:
+        return f"image of key {row['key']} has sha1 {sha1_bytes(data)}, written with {row['sha1']}"
+    if name.endswith(".cls") and data != str(row["label"]).encode():
+        return f"label of key {row['key']} reads {data[:20]!r}, written as {row['label']}"
+    return None
 
 
 # ---------------------------------------------------------------- the whole dataset
 
-def build_shards(dataset_cfg: dict, shards_cfg: dict, out_root: str | Path = "shards", progress: bool = True) -> dict:
-    """Shard every configured split; reuse shards whose inputs did not change. Returns dataset.json."""
+def build_shards(dataset_cfg: dict, shards_cfg: dict, out_root: str | Path = "shards", progress: bool = True,
+                 verify: bool = False) -> dict:
+    """Shard every configured split; reuse shards whose inputs did not change and whose tars are intact
+    (every tar hashed when `verify`), rewrite the others. Returns dataset.json."""
     out_dir = Path(out_root) / dataset_cfg["name"]
     root = Path(dataset_cfg["path"])
     per_shard = shards_cfg["samples_per_shard"]
@@ -187,17 +251,21 @@ def build_shards(dataset_cfg: dict, shards_cfg: dict, out_root: str | Path = "sh
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_shards(out_dir, {shard_name(j["split"], j["index"]) for j in jobs})
 
-    states, todo = {}, []
-    for job in jobs:
-        done = _load_done_state(out_dir, job["split"], job["index"], job["plan_hash"])
-        if done is not None:
-            states[(job["split"], job["index"])] = done
+    states, todo, damaged = {}, [], {}
+    for job in tqdm(jobs, desc="verify", unit="shard", disable=not (progress and verify), file=sys.stderr):
+        state, damage = _kept_state(out_dir, job, verify)
+        if state is not None:
+            states[(job["split"], job["index"])] = state
         else:
             todo.append(job)
-    print(f"[shards] {dataset_cfg['name']}: {len(jobs)} shards planned, {len(jobs) - len(todo)} up to date, "
-          f"{len(todo)} to write", file=sys.stderr)
+        if damage:
+            damaged[shard_name(job["split"], job["index"])] = damage
+    _report_plan(dataset_cfg["name"], len(jobs), len(todo), damaged, verify)
     for job, state in _run_jobs(todo, shards_cfg["workers"], progress):
         states[(job["split"], job["index"])] = state
+    if damaged:
+        print(f"[shards] repaired {len(damaged)} damaged tar(s) from the source: {', '.join(sorted(damaged))}",
+              file=sys.stderr)
 
     ordered = [states[(j["split"], j["index"])] for j in jobs]
     rows = [row for st in ordered for row in st["rows"]]
@@ -217,6 +285,14 @@ def build_shards(dataset_cfg: dict, shards_cfg: dict, out_root: str | Path = "sh
     }
     write_json_atomic(out_dir / "dataset.json", summary)
     return summary
+
+
+def _report_plan(name: str, planned: int, to_write: int, damaged: dict[str, str], verify: bool) -> None:
+    checked = f" (every tar hashed: {len(damaged)} damaged)" if verify else ""
+    print(f"[shards] {name}: {planned} shards planned, {planned - to_write} up to date, {to_write} to write{checked}",
+          file=sys.stderr)
+    for tar, damage in sorted(damaged.items()):
+        print(f"[shards] {tar} is damaged ({damage}): rewriting it", file=sys.stderr)
 
 
 def _check_unique_keys(items: list[sources.SourceItem], split: str) -> None:
@@ -260,11 +336,11 @@ def read_manifest(path: str | Path):
     return pq.read_table(path)
 
 
-def shards_stage(config: dict, out_root: str | Path = "shards", progress: bool = True) -> dict:
-    """The shards stage as the config describes it; prints a one-line summary."""
+def shards_stage(config: dict, out_root: str | Path = "shards", progress: bool = True, verify: bool = False) -> dict:
+    """The shards stage as the config describes it (`verify`: hash every tar); prints a one-line summary."""
     if "dataset" not in config:
         raise ConfigError("config key 'dataset' is missing: say which images to shard")
-    summary = build_shards(config["dataset"], config["shards"], out_root=out_root, progress=progress)
+    summary = build_shards(config["dataset"], config["shards"], out_root=out_root, progress=progress, verify=verify)
     counts = ", ".join(f"{s}: {v['samples']} images in {len(v['shards'])} shards" for s, v in summary["splits"].items())
     print(f"[shards] {summary['name']}: {counts}; {summary['num_skipped']} unreadable skipped", file=sys.stderr)
     return summary

@@ -1,11 +1,16 @@
 """Image sources for the shards stage: Fashion-MNIST idx files, ImageFolder trees, WebDataset tars.
 
 Each source lists its samples as `SourceItem`s in a fixed, sorted order (so shards are
-reproducible) without decoding any image; `load_payload` fetches one item's bytes or pixels.
+reproducible) without decoding any image; `read_ref_bytes` fetches one item's bytes.
+
+`tar_members` is the one way tars are walked (source tars here, shards in `data.py` and in the
+shards stage's check): unlike a bare `tarfile` loop, it does not read a tar with a damaged header
+or cut at a member boundary as a shorter, valid one.
 """
 from __future__ import annotations
 
 import gzip
+import io
 import re
 import tarfile
 from dataclasses import dataclass
@@ -66,22 +71,44 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(tuple(dims))
 
 
-def fashion_mnist_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_shape(path: Path) -> tuple[int, ...]:
+    """The dimensions an idx file's header declares, without reading its data."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0:
+            raise ValueError(f"{path}: not an idx file (bad magic)")
+        return tuple(int(d) for d in np.frombuffer(f.read(4 * head[3]), dtype=">u4"))
+
+
+def _fashion_mnist_paths(root: Path, split: str) -> tuple[Path, Path]:
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"fashion_mnist has splits {sorted(FASHION_MNIST_FILES)}, not '{split}'")
-    images_name, labels_name = FASHION_MNIST_FILES[split]
-    paths = [root / images_name, root / labels_name]
+    paths = tuple(root / name for name in FASHION_MNIST_FILES[split])
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DatasetNotFound(f"Fashion-MNIST files not found: {', '.join(missing)}. {FASHION_MNIST_HELP}")
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if len(images) != len(labels):
-        raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels for split {split}")
+    return paths
+
+
+def _check_counts(root: Path, split: str, images: int, labels: int) -> None:
+    if images != labels:
+        raise ValueError(f"{root}: {images} images but {labels} labels for split {split}")
+
+
+def fashion_mnist_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images_path, labels_path = _fashion_mnist_paths(root, split)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    _check_counts(root, split, len(images), len(labels))
     return images, labels
 
 
 def list_fashion_mnist(root: Path, split: str) -> tuple[list[SourceItem], list[str]]:
-    _, labels = fashion_mnist_split(root, split)
+    """Listing reads the labels and only the header of the images file (the shards that are up to
+    date never need the pixels)."""
+    images_path, labels_path = _fashion_mnist_paths(root, split)
+    labels = read_idx(labels_path)
+    _check_counts(root, split, read_idx_shape(images_path)[0], len(labels))
     items = [
         SourceItem(f"{split}_{i:06d}", int(label), f"fashion_mnist:{split}[{i}]", ("idx", split, i))
         for i, label in enumerate(labels)
@@ -113,16 +140,55 @@ def list_imagefolder(root: Path, split: str) -> tuple[list[SourceItem], list[str
 
 # ---------------------------------------------------------------- existing WebDataset tars
 
+class DamagedTar(ValueError):
+    """A tar that does not end cleanly; the message says where (byte, last good member)."""
+
+
+def tar_members(tar_path: str | Path):
+    """Yield (open TarFile, member) for every file member, in order; DamagedTar if the tar is damaged.
+
+    `tarfile` stops silently at a header whose checksum fails, or at a cut between members; here
+    the block after the last member must be the end-of-archive marker (zeros). Compressed tars
+    (a source may be one) are walked without that check.
+    """
+    last = None
+    try:
+        with tarfile.open(tar_path, "r") as tar:
+            for info in tar:
+                last = info.name
+                if info.isfile():
+                    yield tar, info
+            end = tar.offset if isinstance(tar.fileobj, io.BufferedReader) else None
+    except FileNotFoundError:
+        raise
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DamagedTar(f"unreadable {_after(last)}: {exc}") from exc
+    problem = _end_problem(tar_path, end) if end is not None else None
+    if problem:
+        raise DamagedTar(f"{problem}, {_after(last)}")
+
+
+def _after(member: str | None) -> str:
+    return f"after member {member}" if member else "at the first member"
+
+
+def _end_problem(tar_path: str | Path, offset: int) -> str | None:
+    """What is at `offset` instead of the end-of-archive marker (None: the marker is there)."""
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE:
+        return f"cut short at byte {offset + len(block)}"
+    return f"damaged tar header at byte {offset}" if block.strip(b"\0") else None
+
+
 def _group_tar_members(tar_path: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    with tarfile.open(tar_path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name
-            stem, _, ext = Path(base).name.partition(".")
-            prefix = str(Path(base).parent / stem) if "/" in base else stem
-            groups.setdefault(prefix, {})[ext.lower()] = info
+    for _, info in tar_members(tar_path):
+        base = info.name
+        stem, _, ext = Path(base).name.partition(".")
+        prefix = str(Path(base).parent / stem) if "/" in base else stem
+        groups.setdefault(prefix, {})[ext.lower()] = info
     return groups
 
 
@@ -135,7 +201,7 @@ def list_webdataset(root: Path, split: str, label_key: str = "cls") -> tuple[lis
     for tar_path in tars:
         try:
             groups = _group_tar_members(tar_path)
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except (DamagedTar, OSError) as exc:
             raise ValueError(f"unreadable WebDataset tar {tar_path}: {exc}") from exc
         for prefix, members in groups.items():
             image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in members), None)

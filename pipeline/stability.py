@@ -4,6 +4,11 @@ Loads the configured encoder, the k-means centroids and the VQ checkpoint, takes
 (view 0) of the first ``n_images`` images and measures both tokenizers with
 :func:`pipeline.metrics.stability.stability_table` (the noise, metrics and seeding are defined
 there). The JSON holds the rows, the text table and the provenance of every input.
+
+Before measuring, the centroids are checked against their ``centroids.json`` (sha256, and the
+encoder now loaded against the one their features came from) and the VQ file against the sha256
+its ``.json`` records. Bare centroids without a ``.json`` (fitted in a test) are accepted: the
+stage only measures, nothing is trained on its output.
 """
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .data import ViewSpec, centre_views
@@ -21,6 +25,7 @@ from .devices import resolve_device
 from .io import file_sha256, write_json_atomic
 from .metrics.stability import METRIC_DEFINITION, NOISE_DEFINITION, digit_tokenizer, stability_table, vq_tokenizer
 from .metrics.stability_table import PAPER_TABLE1, SNRS_DB, format_table
+from .provenance import load_checked_centroids, require_recorded_sha256
 from .vq import load_configured_vq
 
 
@@ -54,8 +59,9 @@ def stability_stage(config: dict, encoder_path: str | Path | None, centroids_pat
                     vq_path: str | Path, tar_paths: Sequence[str | Path], out_json: str | Path,
                     n_images: int = 1000, *, seed: int = 0, snrs: Sequence[float] = SNRS_DB,
                     batch_size: int = 64, device: str | None = None, progress: bool = True) -> dict:
-    """Load the configured encoder + centroids and the VQ checkpoint, compute the table on the
-    centre views of the first `n_images` images of `tar_paths`, write `out_json` atomically.
+    """Load the configured encoder + centroids and the VQ checkpoint (checked, see the module
+    docstring), compute the table on the centre views of the first `n_images` images of
+    `tar_paths`, write `out_json` atomically.
     `device` None: the config's `encoder.device` ("auto": the GPU if there is one). fp32 throughout."""
     from .encoder_loading import load_configured_encoder
 
@@ -63,7 +69,8 @@ def stability_stage(config: dict, encoder_path: str | Path | None, centroids_pat
     spec = ViewSpec.from_config(config["encoder"])
     dev = resolve_device(device or config["encoder"].get("device", "auto"))
     encoder = load_configured_encoder(config, str(encoder_path) if encoder_path else None)
-    centroids = np.load(centroids_path)
+    centroids = load_checked_centroids(centroids_path, encoder, required=False)
+    require_recorded_sha256(vq_path, "the VQ checkpoint was replaced or half-written; rerun the train-vq stage")
     vq_model, vq_meta, _ = load_configured_vq(config["vq"], vq_path)
     if vq_model.config.resolution != spec.crop:
         raise ValueError(f"VQ model resolution {vq_model.config.resolution} != view crop {spec.crop}")

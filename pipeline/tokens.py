@@ -8,6 +8,11 @@ so other stages (VQ tokens) can cut exactly the same pixels.
 
 Outputs, per shard: `{split}-{i:06d}.npy` (the grids, memory-mappable) and `{split}-{i:06d}.json`
 (keys and labels in shard order, crop parameters, provenance).
+
+Provenance: the stage refuses centroids whose sha256 differs from what `centroids.json` records,
+centroids without a `centroids.json`, and an encoder other than the one the centroids' features
+came from (`provenance.require_same_encoder`). `tokenize_shard`, the low-level function, takes
+centroids as an array and checks nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from .encoder_loading import load_configured_encoder
 from .models.centroids import nearest_centroid
 from .models.patch_encoder import encoder_info
 from .io import file_sha256, write_json_atomic, write_npy_atomic
+from .provenance import load_checked_centroids
 from .shard_encoding import encode_shard_views
 
 
@@ -91,13 +97,11 @@ def load_tokens(npy_path: str | Path, mmap: bool = True) -> tuple[np.ndarray, di
 def tokens_stage(config: dict, tar_path: str | Path, centroids_path: str | Path, out_npy: str | Path, *,
                  encoder_path: str | None = None, progress: bool = True) -> dict:
     """The tokens stage as the config describes it: the configured encoder, the centroids checked
-    against its feature size, provenance of both in the sidecar."""
+    against their centroids.json (required here; `tokenize_shard` takes bare centroids) and the
+    encoder, provenance of both in the sidecar."""
     enc, tok = config["encoder"], config["tokens"]
     encoder = load_configured_encoder(config, encoder_path)
-    centroids = np.load(centroids_path)
-    if centroids.ndim != 2 or centroids.shape[1] != encoder.embed_dim:
-        raise ValueError(f"{centroids_path}: centroids of shape {centroids.shape} do not match the encoder's "
-                         f"{encoder.embed_dim}-dim features")
+    centroids = load_checked_centroids(centroids_path, encoder)
     provenance = {"encoder": encoder_info(encoder), "centroids": str(centroids_path),
                   "centroids_sha256": file_sha256(centroids_path)}
     return tokenize_shard(tar_path, out_npy, encoder, centroids, ViewSpec.from_config(enc), views=tok["views"],

@@ -8,6 +8,10 @@ token shard, same images and views) the same model trains as stage 2, predicting
 after the DiGIT grid. The loop itself (resume, DDP, EMA, logging, checkpoints) is the generic
 ``trainer.train``; this module only builds the job: data (``token_data.TokenDataset``), the
 model and the objective (``objectives.NextTokenCE``).
+
+Provenance: training stops unless every token shard comes from one tokenizer (and every context
+shard from one), as their sidecars record it (``provenance.shard_tokenizer``); the checkpoint's
+``token_files`` keep each shard's ``tokenizer`` record, which rendering checks against.
 """
 from __future__ import annotations
 
@@ -18,7 +22,24 @@ from .config import ConfigError
 from .families import gpt_config_dict
 from .models.gpt import GPT, GPTConfig
 from .objectives import NextTokenCE
+from .provenance import read_sidecar, shard_tokenizer, token_files_tokenizer
 from .token_data import TokenDataset
+
+
+def input_ids(files: list[str]) -> list[dict]:
+    """`checkpoints.file_ids` plus the tokenizer each shard's sidecar records (``tokenizer``), so
+    a checkpoint says which tokenizer its tokens came from even after the shards change."""
+    return [{**fid, "tokenizer": shard_tokenizer(read_sidecar(f))}
+            for fid, f in zip(checkpoints.file_ids(files), files)]
+
+
+def check_one_tokenizer(token_files: list[str], context_files: list[str] | None) -> None:
+    """Raise unless all token shards come from one tokenizer, and all context shards from one
+    (centroids / VQ checkpoint sha256 and encoder, as their sidecars record them)."""
+    hint = "all shards of one training run must come from the same tokenizer; retokenize or remove the odd one"
+    token_files_tokenizer(token_files, hint)
+    if context_files:
+        token_files_tokenizer(context_files, hint)
 
 
 def gpt_job(cfg: dict, token_files: list[str], context_files: list[str] | None):
@@ -31,7 +52,7 @@ def gpt_job(cfg: dict, token_files: list[str], context_files: list[str] | None):
         if context_files:
             overrides.update(context_vocab_size=data.context_codebook_size, context_grid=data.context_grid)
         model = GPT(GPTConfig.preset(cfg["preset"], **overrides)).to(device)
-        inputs = checkpoints.file_ids(token_files) + (checkpoints.file_ids(context_files) if context_files else [])
+        inputs = input_ids(token_files) + (input_ids(context_files) if context_files else [])
         return trainer.TrainJob(
             family="gpt", model=model, model_config=gpt_config_dict(model),
             objective=NextTokenCE(float(cfg["label_smoothing"]), conditional=bool(num_classes)),
@@ -47,6 +68,7 @@ def train_stage1(train_cfg: dict, token_files: list[str], out_dir: str, *, max_s
     steps are done."""
     token_files = [str(f) for f in token_files]
     context_files = [str(f) for f in context_files] if context_files else None
+    check_one_tokenizer(token_files, context_files)
     build = gpt_job(checkpoints.normalise_cfg(train_cfg), token_files, context_files)
     return trainer.train(train_cfg, out_dir, build, max_steps=max_steps, progress=progress,
                          desc="stage2" if context_files else "stage1")

@@ -10,6 +10,10 @@ EMA, gradient accumulation, DDP under torchrun, bf16 autocast, ``torch.compile``
 the non-finite-loss stop, logging (``metrics.jsonl``/``.csv``, TensorBoard when installed) and
 atomic checkpoints (``checkpoints.py``).
 
+Checkpoints. ``last.pt`` and the one before it, ``prev.pt``. At start, temp files of a killed save
+are removed; a damaged ``last.pt`` is reported on stderr and the run resumes from ``prev.pt``
+(which gives the same final weights as an uninterrupted run), or starts over when neither is good.
+
 Steps. Global batch -> ``grad_accum`` micro-batches -> each split over the ranks with a stride
 (rank r takes rows r, r+W, ...), so the gradient equals the single-process one. The torch RNG
 (dropout, label dropout, masking) is reseeded from (seed, step, rank) before every step: resume
@@ -36,7 +40,7 @@ import torch.nn as nn
 
 from . import checkpoints
 from .devices import autocast_for, resolve_device
-from .io import file_sha256, write_json_atomic
+from .io import file_sha256, remove_stale_temps, write_json_atomic
 from .token_data import mix
 from .training_log import MetricsLog, read_last_loss
 
@@ -176,7 +180,11 @@ class _Run:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_at(s, cfg) / float(cfg["lr"]))
         self.ema = EMA(self.raw, cfg["ema"]) if cfg.get("ema") else None
         self.step, self.pos, self.elapsed_before = 0, (0, 0), 0.0
-        self.last = out / "last.pt"
+        self.last, self.prev = out / "last.pt", out / "prev.pt"
+        self.last_is_good = False   # whether last.pt may become prev.pt at the next save
+        if self.master:
+            for tmp in remove_stale_temps(out):
+                self._say(f"removed {tmp}, left by a killed save")
         self.resume_step = self._resume()
         out.mkdir(parents=True, exist_ok=True)
         self.n_params = sum(p.numel() for p in self.raw.parameters())
@@ -185,12 +193,32 @@ class _Run:
         if self.master:
             print(f"[train] {msg}", file=sys.stderr, flush=True)
 
+    def _newest_good_checkpoint(self) -> tuple[dict | None, Path | None]:
+        """``last.pt``, else ``prev.pt``, whichever is first readable; says on stderr what was damaged."""
+        damaged = []
+        for path in (self.last, self.prev):
+            if not path.exists():
+                continue
+            try:
+                ck = checkpoints.read(path, self.device, needs=checkpoints.RESUME_KEYS)
+            except FileNotFoundError:   # gone meanwhile
+                continue
+            except ValueError as e:
+                self._say(f"damaged checkpoint, not resuming from it: {e}")
+                damaged.append(path.name)
+                continue
+            self.last_is_good = path == self.last
+            return ck, path
+        if damaged:
+            self._say(f"no good checkpoint in {self.out} ({' and '.join(damaged)} damaged): starting over from step 0")
+        return None, None
+
     def _resume(self) -> int | None:
-        if not self.last.exists():
+        ck, path = self._newest_good_checkpoint()
+        if ck is None:
             return None
-        ck = checkpoints.read(self.last, self.device)
         if not checkpoints.resumable(ck, self.cfg, self.job.inputs, self.total_steps):
-            self._say(f"{self.last} does not match this config/data (or is past train.steps): starting fresh")
+            self._say(f"{path} does not match this config/data (or is past train.steps): starting fresh")
             return None
         self.raw.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
@@ -200,21 +228,23 @@ class _Run:
         self.step, self.pos = int(ck["step"]), tuple(int(x) for x in ck["data_position"])
         self.elapsed_before = float(ck.get("elapsed", 0.0))
         checkpoints.set_rng_states(ck["rng"])
-        self._say(f"resuming from {self.last} at step {self.step}")
+        self._say(f"resuming from {path} at step {self.step}")
         return self.step
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.time() - self.t_start)
 
-    def save(self, path: Path) -> None:
-        checkpoints.write(path, {
+    def save(self) -> None:
+        """Write last.pt; the previous one becomes prev.pt unless it is damaged (then it is replaced)."""
+        checkpoints.write(self.last, {
             "format": checkpoints.FORMAT, "family": self.job.family, "model_config": self.job.model_config,
             "model": self.raw.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "ema": self.ema.state if self.ema is not None else None,
             "step": self.step, "data_position": list(self.pos), "rng": checkpoints.rng_states(),
             "train_cfg": self.cfg, "token_files": self.job.inputs, "elapsed": self.elapsed(),
             "num_params": self.n_params,
-        })
+        }, previous=self.prev if self.last_is_good else None)
+        self.last_is_good = True
 
     def _wrap(self) -> nn.Module:
         model = torch.compile(self.raw) if self.cfg.get("compile") else self.raw
@@ -303,9 +333,9 @@ class _Run:
                     log.log(row)
                     t_log, tok_log = time.time(), 0
                 if self.master and ckpt_every > 0 and self.step % ckpt_every == 0 and self.step < stop_at:
-                    self.save(self.last)
-            if self.master and (self.step > start_step or not self.last.exists()):
-                self.save(self.last)
+                    self.save()
+            if self.master and (self.step > start_step or not self.last_is_good):
+                self.save()
         finally:
             if bar is not None:
                 bar.close()

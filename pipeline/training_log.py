@@ -15,9 +15,21 @@ METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "tokens_per_s", "grad_norm", "e
 
 
 def read_rows(jsonl: Path) -> list[dict]:
+    """The logged rows. A last line without its newline (an append cut short by a kill; its step is
+    past every checkpoint, as rows are logged before the checkpoint of their step) is left out; any
+    other line that is not JSON is a ValueError naming the file and line."""
     if not jsonl.exists():
         return []
-    return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    lines = jsonl.read_text().split("\n")[:-1]   # the part after the last newline is dropped
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise ValueError(f"{jsonl}: line {number} is not JSON ({e})") from e
+    return rows
 
 
 def read_last_loss(out_dir: Path) -> float | None:

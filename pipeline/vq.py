@@ -31,7 +31,7 @@ from .io import atomic_path, file_sha256, read_json, write_json_atomic
 from .models.vqgan import VQGAN, VQGANConfig, preset
 from .tokens import token_dtype, write_token_shard
 from .train_steps import optimizer_step, shuffled_batches, warmup_cosine
-from .vqgan_loading import load_taming_checkpoint
+from .vqgan_loading import read_taming_object, taming_model, taming_state_dict
 
 FORMAT = "digit-vq-v1"
 EPOCH_EVAL_IMAGES = 1000   # per-epoch PSNR on the first test images; the final figure uses all
@@ -185,24 +185,28 @@ def save_vq(out_path: str | Path, model: VQGAN, meta: dict) -> None:
 
 
 def load_vq(path: str | Path, config: VQGANConfig | None = None) -> tuple[VQGAN, dict]:
-    """Load a `digit-vq-v1` checkpoint, or (given `config`, else the mage_vqgan preset) a taming one."""
+    """Load a `digit-vq-v1` checkpoint, or (given `config`, else the mage_vqgan preset) a taming one.
+    No code from the file runs; a damaged or unusable file is a ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQ checkpoint not found: {path}")
+    obj = read_taming_object(path)   # our files hold tensors and plain data; Lightning ones more
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
+        model = taming_model(taming_state_dict(obj, path), path, config)
+        return model, {"format": "taming", "config": model.config.to_dict()}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        obj = None  # e.g. a Lightning .ckpt with pickled objects: let the taming loader handle it
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
         cfg = VQGANConfig(**obj["config"])
-        if config is not None and config != cfg:
-            raise ValueError(f"{path}: stored config {cfg} differs from the given {config}")
-        model = VQGAN(cfg)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: {FORMAT} checkpoint with an unusable config ({e})") from e
+    if config is not None and config != cfg:
+        raise ValueError(f"{path}: stored config {cfg} differs from the given {config}")
+    model = VQGAN(cfg)
+    try:
         model.load_state_dict(obj["state_dict"], strict=True)
-        model.eval()
-        return model, dict(obj.get("meta", {}))
-    model = load_taming_checkpoint(path, config)
-    return model, {"format": "taming", "config": model.config.to_dict()}
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{path}: {FORMAT} weights do not fit its config ({e})") from e
+    model.eval()
+    return model, dict(obj.get("meta", {}))
 
 
 def load_configured_vq(vq_section: dict, path: str | Path | None = None) -> tuple[VQGAN, dict, Path]:

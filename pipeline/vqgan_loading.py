@@ -3,44 +3,50 @@ into `models.vqgan.VQGAN`. Nothing is ever downloaded."""
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 
+from .io import ForeignObject, load_torch
 from .models.state_dicts import key_problems, module_shapes
 from .models.vqgan import PRESETS, VQGAN, VQGANConfig
 
 
-def _torch_load(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise
-    # Lightning .ckpt files may pickle callback/hparams objects; the user chose this local file.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def read_taming_state_dict(path) -> dict[str, torch.Tensor]:
-    """The tensors of a taming checkpoint (``{"state_dict": ...}`` or a bare state dict), without
-    the ``loss.*`` ones (discriminator, LPIPS); ValueError naming the file if it is unusable."""
+def read_taming_object(path):
+    """What a taming/Lightning checkpoint file holds. Objects other than tensors and containers
+    (Lightning callbacks, hparams) load as inert ``io.ForeignObject``s: no code from the file runs.
+    ValueError naming the file when it is unreadable."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path} (nothing is downloaded; "
                                 f"place the taming/MAGE checkpoint there yourself)")
-    try:
-        obj = _torch_load(path)
-    except Exception as e:  # truncated zip, bad pickle, EOF, ...
-        raise ValueError(f"cannot read VQGAN checkpoint {path} (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from e
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"VQGAN checkpoint {path} holds {type(obj).__name__}, not a state dict")
+    return load_torch(path, foreign_objects=True)
+
+
+def taming_state_dict(obj, path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded taming checkpoint (``{"state_dict": ...}`` or a bare state dict),
+    without the ``loss.*`` ones (discriminator, LPIPS); ValueError naming ``path`` if unusable."""
+    sd = obj.get("state_dict", obj) if _plain_dict(obj) else obj
+    if not _plain_dict(sd):
+        raise ValueError(f"VQGAN checkpoint {path} holds {_kind(sd)}, not a state dict")
     sd = {k: v for k, v in sd.items() if not str(k).startswith("loss.")}
     bad = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
     if bad:
         raise ValueError(f"VQGAN checkpoint {path}: non-tensor entries {bad[:10]}")
     return sd
+
+
+def read_taming_state_dict(path) -> dict[str, torch.Tensor]:
+    """``taming_state_dict`` of the file at ``path``."""
+    return taming_state_dict(read_taming_object(path), os.fspath(path))
+
+
+def _plain_dict(obj) -> bool:
+    return isinstance(obj, dict) and not isinstance(obj, ForeignObject)
+
+
+def _kind(obj) -> str:
+    """What an object is, for errors: the class a ForeignObject stands for, else its type."""
+    return obj.origin if isinstance(obj, ForeignObject) else type(obj).__name__
 
 
 def load_taming_checkpoint(path, config: VQGANConfig | None = None,
@@ -51,7 +57,12 @@ def load_taming_checkpoint(path, config: VQGANConfig | None = None,
     dropped; everything else must match our module's keys and shapes exactly. Nothing is ever
     downloaded.
     """
-    sd = read_taming_state_dict(path)
+    return taming_model(read_taming_state_dict(path), path, config, strict)
+
+
+def taming_model(sd: dict[str, torch.Tensor], path, config: VQGANConfig | None = None,
+                 strict: bool = True) -> VQGAN:
+    """A ``VQGAN`` (eval mode) from a taming state dict read from ``path`` (named in errors)."""
     config = config or PRESETS["mage_vqgan"]
     model = VQGAN(config)
     own = module_shapes(model)

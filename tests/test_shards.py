@@ -184,6 +184,26 @@ def test_webdataset_source_round_trip(fmnist_shards, tmp_path):
         assert lab_a == lab_b
 
 
+def test_webdataset_source_with_a_damaged_header_stops_naming_it(fmnist_shards, tmp_path):
+    """tarfile alone would read the tar as 10 samples and re-shard them silently."""
+    out_dir, _, _ = fmnist_shards
+    src = tmp_path / "wds_src" / "train"
+    src.mkdir(parents=True)
+    tar = src / "train-000000.tar"
+    data = bytearray((out_dir / "train-000000.tar").read_bytes())
+    with tarfile.open(out_dir / "train-000000.tar") as t:
+        info = t.getmember("train_000010.png")
+    for i in range(info.offset + 100, info.offset + 116):   # 16 bytes of its header: the checksum fails
+        data[i] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    dataset, settings = _cfg("resharded", "webdataset", tmp_path / "wds_src")
+    dataset["splits"] = ["train"]
+    with pytest.raises(ValueError) as err:
+        build_shards(dataset, settings, out_root=tmp_path / "shards2", progress=False)
+    assert str(err.value) == (f"unreadable WebDataset tar {tar}: damaged tar header at byte {info.offset}, "
+                              "after member train_000009.json")
+
+
 def test_missing_dataset_path_says_where_it_looked(tmp_path):
     dataset, settings = _cfg("x", "fashion_mnist", tmp_path / "nowhere")
     with pytest.raises(DatasetNotFound, match=r"nowhere.*dataset-fashion-mnist"):

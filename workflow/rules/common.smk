@@ -73,12 +73,45 @@ def training_shards(section, split):
     return tars[:limit] if limit else tars
 
 
+def unique(items):
+    return list(dict.fromkeys(items))
+
+
+def vq_token_splits():
+    """Splits whose VQ tokens some rule reads: both stage-1 trainings, stage 2 and the probes."""
+    return unique([*config["train"]["splits"], *config["stage2"]["train"]["splits"],
+                   config["probe"]["train_split"], config["probe"]["test_split"]])
+
+
+def digit_token_splits():
+    """Splits that get DiGIT tokens: `tokens.splits`, and every split whose VQ tokens are made
+    (vq_tokens reads the DiGIT token sidecar of its shard)."""
+    return unique([*config["tokens"]["splits"], *vq_token_splits()])
+
+
+def sidecars(npy_files):
+    return [f for npy in npy_files for f in (npy, npy[: -len(".npy")] + ".json")]
+
+
 def all_targets(wildcards):
-    return [
-        f"shards/{DATASET}/manifest.parquet",
-        *token_targets(),
-        *[res(f"samples/{model}/images.npz") for model in MODELS],
-        *[res(f"probe/{model}.json") for model in MODELS],
-        f"reports/{RUN}/metrics.json",
-        f"reports/{RUN}/report.html",
-    ]
+    """Every output of every job, not only the final ones: Snakemake checks a job's outputs only
+    as far as some job requests them, so an output nobody reads (centroids.json next to the
+    centroids.npy that tokens read, a sidecar .json) would never be rebuilt if it went missing."""
+    targets = [f"shards/{DATASET}/manifest.parquet", f"shards/{DATASET}/dataset.json"]
+    if config["encoder"]["train"] is not None:
+        targets += [res("encoder/encoder.pt"), res("encoder/encoder.json")]
+    targets += kmeans_stores(wildcards)
+    targets += [res("kmeans/centroids.npy"), res("kmeans/centroids.json")]
+    targets += sidecars([f for split in digit_token_splits() for f in token_files(split, "digit")])
+    if config["vq"]["train"] is not None:
+        targets += [res("vq/vq.pt"), res("vq/vq.json")]
+    targets += sidecars([f for split in vq_token_splits() for f in token_files(split, "vq")])
+    for model in (*MODELS, "stage2"):
+        targets += [res(f"checkpoints/{model}/final.pt"), res(f"checkpoints/{model}/train.json")]
+    for model in MODELS:
+        targets += [res(f"samples/{model}/{name}") for name in ("tokens.npy", "labels.npy", "samples.json")]
+        targets += [res(f"samples/{model}/{name}") for name in ("images.npz", "grid.png", "images.json")]
+        targets += [res(f"probe/{model}.json"), res(f"eval/{model}.json")]
+    targets += [res(f"eval/reference/{name}") for name in ("stats.npz", "features.npy", "reference.json")]
+    targets += [res("eval/stability.json"), f"reports/{RUN}/metrics.json", f"reports/{RUN}/report.html"]
+    return targets

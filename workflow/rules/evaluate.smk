@@ -95,5 +95,6 @@ rule report:
     log:
         logfile("report"),
     shell:
-        "{PY} -m pipeline report --json {params.cfg} {params.inputs} --metrics {output.metrics} "
+        "{PY} -m pipeline report --json {params.cfg} --json {RUNTIME[report]} {params.inputs} "
+        "--metrics {output.metrics} "
         "--html {output.html} 2>&1 | tee {log}"

@@ -54,15 +54,14 @@ rule train_stage2:
     params:
         cfg=settings("train-stage2"),
         out_dir=res("checkpoints/stage2"),
-        launch=launcher(STAGE2["train"]["processes"]),
-        threads=per_process_threads(STAGE2["train"]["processes"]),
     threads: TORCH_THREADS
     resources:
         gpu=STAGE2["train"]["processes"],
     log:
         logfile("train_stage2"),
     shell:
-        "{params.launch} -m pipeline train --json {params.cfg} --json {RUNTIME[train-stage2]} --threads {params.threads} "
+        "{LAUNCH[stage2]} -m pipeline train --json {params.cfg} --json {RUNTIME[train-stage2]} "
+        "--threads $(( {threads} > {PROCESSES[stage2]} ? {threads} / {PROCESSES[stage2]} : 1 )) "
         "--tokens {input.vq} --context {input.digit} --out-dir {params.out_dir} 2>&1 | tee {log}"
 
 

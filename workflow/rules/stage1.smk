@@ -13,11 +13,12 @@ def launcher(processes):
     return f"{PY} -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node {processes}"
 
 
-def per_process_threads(processes):
-    return lambda wc, threads: max(1, threads // max(1, processes))
-
-
 TRAIN = config["train"]
+# How a training job is launched and how its CPU threads are split between its processes are
+# runtime choices (DDP keeps the global batch): globals in the shell command, never rule params,
+# so neither `processes` nor --cores reruns a training. Threads per process: max(1, threads // N).
+PROCESSES = {"train": TRAIN["processes"], "stage2": config["stage2"]["train"]["processes"]}
+LAUNCH = {name: launcher(n) for name, n in PROCESSES.items()}
 
 
 rule train_stage1:
@@ -29,15 +30,14 @@ rule train_stage1:
     params:
         cfg=settings("train"),
         out_dir=lambda wc: res(f"checkpoints/{wc.model}"),
-        launch=launcher(TRAIN["processes"]),
-        threads=per_process_threads(TRAIN["processes"]),
     threads: TORCH_THREADS
     resources:
         gpu=TRAIN["processes"],
     log:
         logfile("train_stage1_{model}"),
     shell:
-        "{params.launch} -m pipeline train --json {params.cfg} --json {RUNTIME[train]} --threads {params.threads} "
+        "{LAUNCH[train]} -m pipeline train --json {params.cfg} --json {RUNTIME[train]} "
+        "--threads $(( {threads} > {PROCESSES[train]} ? {threads} / {PROCESSES[train]} : 1 )) "
         "--tokens {input} --out-dir {params.out_dir} 2>&1 | tee {log}"
 
 

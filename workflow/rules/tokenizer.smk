@@ -13,10 +13,6 @@ def kmeans_stores(wildcards):
     return [res(f"features/{shard_name(t)}.zarr") for t in tars]
 
 
-def token_targets():
-    return [f for split in config["tokens"]["splits"] for f in token_files(split)]
-
-
 rule train_encoder:
     input:
         train=lambda wc: training_shards("encoder", "train"),
@@ -67,7 +63,8 @@ rule kmeans:
     log:
         logfile("kmeans"),
     shell:
-        "{PY} -m pipeline kmeans --json {params.cfg} --threads {threads} --out-dir {params.out_dir} {input} "
+        "{PY} -m pipeline kmeans --json {params.cfg} --json {RUNTIME[kmeans]} --threads {threads} "
+        "--out-dir {params.out_dir} {input} "
         "2>&1 | tee {log}"
 
 

@@ -99,7 +99,7 @@ def test_dataset_of_float_latent_grids(tokens, tmp_path):
     views, float32 (B, h*w, C) batches, no codebook."""
     latents = []
     for f in tokens:
-        codes = np.load(f)
+        codes = np.load(f).astype(np.float32)
         lat = np.stack([codes, -codes, codes * 0.5], axis=-1).astype(np.float16)   # C = 3, derived from the codes
         p = tmp_path / Path(f).name
         np.save(p, lat)

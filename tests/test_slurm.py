@@ -198,10 +198,15 @@ def test_slurm_results_equal_local_run(runs, cluster):
         assert (slurm_dir / rel).read_bytes() == (local_dir / rel).read_bytes(), f"{rel} differs"
     for t in TOKENS:
         assert _tokens_meta(slurm_dir / f"{t}.json") == _tokens_meta(local_dir / f"{t}.json"), t
-    for rel, key in [("results/smoke/encoder/encoder.pt", "state_dict"), (TARGETS[0], "model")]:
+    # The encoder is bit-identical. The GPT's 10 AdamW steps were seen (1 run in 4, both runs with 2
+    # threads on a 2-core machine shared by both runs) to differ by ~1e-8 in some weights: CPU float
+    # reductions are not bit-stable under oversubscription. Its input tokens are equal (above) and its
+    # weights must agree far below what one training step moves them (1e-6).
+    for rel, key, atol in [("results/smoke/encoder/encoder.pt", "state_dict", 0.0), (TARGETS[0], "model", 1e-6)]:
         a, b = (torch.load(d / rel, map_location="cpu", weights_only=False)[key] for d in (slurm_dir, local_dir))
         assert a.keys() == b.keys(), rel
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{rel}: weights differ"
+        worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        assert worst <= atol, f"{rel}: weights differ (max |diff| {worst:.3g} > {atol})"
 
 
 def test_failing_job_is_retried_with_more_memory_then_reported(runs, cluster):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
+from .config import deep_update
+
 # keys that never change an artifact, per config section ("stage2.train": a nested section)
 RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
     "shards": ("workers",),
@@ -93,16 +95,8 @@ def all_runtime(c: dict) -> dict:
     out: dict = {}
     for name in RUNTIME_KEYS:
         fragment = nested(name, runtime_of(c, name))
-        _merge(out, fragment)
+        deep_update(out, fragment)
     return out
-
-
-def _merge(base: dict, extra: dict) -> None:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
 
 
 # stage -> the config fragment that changes its output
@@ -142,7 +136,7 @@ def _both(*parts: Callable[[dict], dict]) -> Callable[[dict], dict]:
     def merged(c: dict) -> dict:
         out: dict = {}
         for part in parts:
-            _merge(out, part(c))
+            deep_update(out, part(c))
         return out
     return merged
 

@@ -250,6 +250,10 @@ def summarise_checkpoint(path: Path) -> dict:
     params = sum(int(v.numel()) for v in state.values() if hasattr(v, "numel"))
     out = {"kind": f"checkpoint ({ckpt.get('format', 'state dict')})", "parameters": params,
            "tensors": len(state), "keys": sorted(ckpt)[:20]}
+    if "family" in ckpt:
+        out["family"] = ckpt["family"]
+        if isinstance(ckpt.get("model_config"), dict):
+            out["generator"] = generator_text(ckpt["family"], ckpt["model_config"])
     for key in ("arch", "step", "model_config", "model_kwargs", "data_position"):
         if key in ckpt:
             out[key] = ckpt[key]
@@ -261,17 +265,41 @@ def summarise_checkpoint(path: Path) -> dict:
     return out
 
 
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "iterations", "choice_temperature", "seed")
+
+
+def generator_text(family: str, mc: dict) -> str:
+    """One line on a trained generator: what it is, its size and what it predicts."""
+    what = {"gpt": "causal GPT", "maskgit": "mask-predict transformer (MaskGIT, bidirectional)"}.get(family, family)
+    grid = "x".join(str(g) for g in mc.get("grid", []))
+    ctx = mc.get("context_grid") or [0, 0]
+    context = (f" given a {ctx[0]}x{ctx[1]} context grid of {mc.get('context_vocab_size')} codes (stage 2)"
+               if ctx[0] * ctx[1] else "")
+    cond = f", {mc['num_classes']} classes" if mc.get("num_classes") else ", unconditional"
+    return (f"{what}: {mc.get('n_layer')} layers x {mc.get('n_embd')} wide, {grid} grid of {mc.get('vocab_size')} "
+            f"codes{context}{cond}")
+
+
 @summariser(lambda p: p.is_dir() and (p / "samples.json").is_file(), "sample folder with samples.json")
 def summarise_samples(path: Path) -> dict:
     tokens = np.load(path / "tokens.npy", mmap_mode="r")
     labels = np.load(path / "labels.npy")
     meta = json.loads((path / "samples.json").read_text())
-    out = {"kind": "sampled token grids", "shape": list(tokens.shape), "dtype": str(tokens.dtype),
-           "label_histogram": histogram(labels.tolist()),
-           "sampling": {k: v for k, v in meta.items() if k in ("temperature", "top_k", "top_p", "cfg_scale", "seed")},
+    out = {"kind": "sampled token grids", "family": meta.get("family", "gpt"), "shape": list(tokens.shape),
+           "dtype": str(tokens.dtype), "label_histogram": histogram(labels.tolist()),
+           "sampling": {k: v for k, v in meta.items() if k in SAMPLING_KEYS},
            **codebook_stats(np.asarray(tokens), meta.get("vocab_size"))}
     if (path / "images.npz").is_file():
         out["images"] = summarise_images(path / "images.npz")
+    return out
+
+
+@summariser(lambda p: p.is_dir() and (p / "images.npz").is_file(), "rendered sample folder with images.npz")
+def summarise_rendered(path: Path) -> dict:
+    """A folder of rendered images only (samples/digit_nar: the DiGIT samples through the NAR stage 2)."""
+    out = {"kind": "rendered sample folder", "images": summarise_images(path / "images.npz")}
+    if (path / "vq_tokens.npy").is_file():
+        out["vq_tokens"] = list(np.load(path / "vq_tokens.npy", mmap_mode="r").shape)
     return out
 
 
@@ -291,7 +319,11 @@ def summarise_images(path: Path) -> dict:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         out["route"] = meta.get("route")
-        out["stage2_sampling"] = {k: meta[k] for k in ("temperature", "top_k", "top_p", "seed") if k in meta}
+        if meta.get("samples"):
+            out["samples"] = meta["samples"]
+        if meta.get("stage2_checkpoint"):
+            out["stage2_checkpoint"] = meta["stage2_checkpoint"]
+            out["stage2_sampling"] = {k: meta[k] for k in SAMPLING_KEYS if k in meta}
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 from .config import DEFAULT_CONFIG, ConfigError, load_config, load_schema
 from .errors import StageFailed
+from .settings import section
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,19 @@ def run_vq_tokens(c, a):
 
 def run_train(c, a):
     from .train import train_stage
-    train_stage(c, a.tokens, a.out_dir, context=a.context, max_steps=a.max_steps, progress=not a.quiet)
+    train_stage(c, a.tokens, a.out_dir, context=a.context, max_steps=a.max_steps, progress=not a.quiet,
+                section=a.section)
+
+
+# sampling settings section -> the training section whose device sampling uses
+SAMPLE_SECTIONS = {"sample": "train", "maskgit.sample": "maskgit.train"}
+RENDER_SECTIONS = {"stage2.sample": "stage2.train", "stage2_nar.sample": "stage2_nar.train"}
 
 
 def run_sample(c, a):
     from .sample import sample_stage
-    sample_stage(a.checkpoint, a.out_dir, c["sample"], device=c["train"]["device"], progress=not a.quiet)
+    sample_stage(a.checkpoint, a.out_dir, section(c, a.section), device=section(c, SAMPLE_SECTIONS[a.section])["device"],
+                 progress=not a.quiet)
 
 
 def run_probe(c, a):
@@ -102,8 +110,8 @@ def run_probe(c, a):
 
 def run_render(c, a):
     from .render import render_stage
-    render_stage(a.samples, a.vq, a.out_dir, c["stage2"]["sample"], stage2_checkpoint=a.stage2,
-                 device=c["stage2"]["train"]["device"], progress=not a.quiet, vq_section=c["vq"])
+    render_stage(a.samples, a.vq, a.out_dir, section(c, a.section), stage2_checkpoint=a.stage2,
+                 device=section(c, RENDER_SECTIONS[a.section])["device"], progress=not a.quiet, vq_section=c["vq"])
 
 
 def run_reference(c, a):
@@ -202,32 +210,43 @@ COMMANDS: tuple[Command, ...] = (
              arg("--digit-tokens", required=True, help="the shard's DiGIT token .json (crops, keys)"),
              arg("--vq", help="VQ checkpoint (default: vq.checkpoint from the config)"),
              arg("--out", required=True, help="output VQ token grids (.npy); the .json goes next to it"))),
-    Command("train", "train a GPT on token shards: stage 1, or stage 2 with --context (exact resume; DDP)",
-            "Trains the GPT over token grids with the generic trainer. Resumes exactly from OUT_DIR/last.pt when it "
+    Command("train", "train a generator on token shards: a GPT (stage 1, AR stage 2) or MaskGIT (NAR stage 2, "
+                     "baseline)",
+            "Trains the model of the --section settings over token grids with the generic trainer: train (GPT), "
+            "stage2.train (GPT after the DiGIT grid), stage2_nar.train (mask-predict given the DiGIT grid), "
+            "maskgit.train (mask-predict, the MaskGIT baseline). Resumes exactly from OUT_DIR/last.pt when it "
             "exists and the settings match. Under `torchrun --nproc_per_node N -m pipeline train ...` it runs DDP "
             "with the same global batch.", run_train,
             (shards_arg("--tokens", "token shards (.npy with .json sidecars)"),
              arg("--context", nargs="+", help="stage 2: the DiGIT token shards of the same images (one per --tokens "
-                                              "shard, paired by file name); uses the stage2.train settings"),
+                                              "shard, paired by file name)"),
+             arg("--section", choices=("train", "stage2.train", "stage2_nar.train", "maskgit.train"),
+                 help="settings section (default: train, or stage2.train with --context)"),
              arg("--out-dir", required=True, help="checkpoint folder (last.pt, final.pt, metrics.jsonl/csv)"),
              arg("--max-steps", type=int, help="stop after this many steps in total (resume later)"))),
-    Command("sample", "sample token grids from a trained GPT (resumable, seeded per sample)",
+    Command("sample", "sample token grids from a trained GPT or MaskGIT model (resumable, seeded per sample)",
             "Writes OUT_DIR/tokens.npy, labels.npy and samples.json. Sample i is seeded from (seed, i): results do "
-            "not depend on batch size or process count.", run_sample,
-            (arg("--checkpoint", required=True), arg("--out-dir", required=True))),
+            "not depend on batch size or process count. The checkpoint's family picks the sampler: KV-cache "
+            "autoregression (GPT) or iterative mask-predict decoding (MaskGIT).", run_sample,
+            (arg("--checkpoint", required=True), arg("--out-dir", required=True),
+             arg("--section", choices=tuple(SAMPLE_SECTIONS), default="sample",
+                 help="sampling settings: sample (GPT) or maskgit.sample"))),
     Command("probe", "linear probe of every layer of a frozen stage-1 GPT",
             "Mean-pooled hidden states of every layer on train and test tokens, one linear classifier per layer; "
             "top-1 per layer and the best layer.", run_probe,
             (arg("--checkpoint", required=True), shards_arg("--train", "train token shards (.npy)"),
              shards_arg("--test", "test token shards (.npy)"), arg("--out", required=True, help="output probe.json"))),
     Command("render", "token samples -> images (stage 2 + VQ decoder, or VQ decoder alone)",
-            "With --stage2, the sample folder holds DiGIT token grids: stage 2 draws the VQ grid of each (top-p from "
-            "stage2.sample, resumable parts), the VQGAN decodes it. Without, the grids are VQ tokens (the baseline) "
-            "and are decoded directly. Writes images.npz (uint8 (n, H, W, 3) + labels), grid.png, images.json.",
+            "With --stage2, the sample folder holds DiGIT token grids: stage 2 draws the VQ grid of each (the AR "
+            "stage 2 with stage2.sample, the NAR one with stage2_nar.sample; resumable parts), the VQGAN decodes "
+            "it. Without, the grids are VQ tokens (VQ GPT, MaskGIT) and are decoded directly. Writes images.npz "
+            "(uint8 (n, H, W, 3) + labels), grid.png, images.json.",
             run_render,
             (arg("--samples", required=True, help="sample folder (tokens.npy, labels.npy, samples.json)"),
              arg("--vq", required=True, help="VQ checkpoint that decodes"),
              arg("--stage2", help="stage-2 checkpoint (DiGIT tokens -> VQ tokens)"),
+             arg("--section", choices=tuple(RENDER_SECTIONS), default="stage2.sample",
+                 help="stage-2 sampling settings: stage2.sample (AR) or stage2_nar.sample (NAR)"),
              arg("--out-dir", help="output folder (default: the sample folder)"))),
     Command("reference", "Inception features + statistics of the real reference images (FID, P/R)",
             "View-0 crops of the first evaluate.n_reference images of the given shards -> OUT_DIR/stats.npz (mu, "

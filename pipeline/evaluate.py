@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import config_hash
+from .config import ConfigError, config_hash
 from .data import ViewSpec, centre_views
 from .devices import resolve_device
 from .feature_network import FeatureNet, load_feature_network
@@ -156,17 +156,29 @@ def _figure(fid_: str, metric: str, model: str, value, base: dict, n=None, **pro
             "n_samples": None if n is None else int(n), "provenance": {**base, **prov}}
 
 
+# rows of the generation table (config `generators`), in this order
+ROWS = ("digit", "digit_nar", "vq", "maskgit")
+# what each row is: the stage-1 generator's family, and the stage 2 that renders it (None: decoded directly)
+ROW_MODELS = {"digit": ("gpt", "gpt"), "digit_nar": ("gpt", "maskgit"), "vq": ("gpt", None),
+              "maskgit": ("maskgit", None)}
+# checkpoint folders whose training summaries give a final loss
+TRAINED = ("digit", "vq", "stage2", "stage2_nar", "maskgit")
+STAGE2_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "iterations", "choice_temperature")
+
+
 def _generation_figures(model: str, score: dict, samples: dict, base: dict) -> list[dict]:
     render = score["render"]
-    prov = {"checkpoint_sha256": samples.get("checkpoint_sha256"),
+    prov = {"family": samples.get("family", "gpt"), "stage2_family": render.get("stage2_family"),
+            "checkpoint_sha256": samples.get("checkpoint_sha256"),
             "stage2_checkpoint_sha256": render.get("stage2_checkpoint_sha256"),
             "vq_checkpoint_sha256": render.get("vq_checkpoint_sha256"),
             "samples_sha256": score["images_sha256"],
             "reference_stats_sha256": score["reference_stats_sha256"],
             "feature_network": score["feature_network"],
             "sampling": {"stage1": {k: samples.get(k) for k in ("temperature", "top_k", "top_p", "cfg_scale",
-                                                                  "n_per_class", "n")},
-                         "stage2": {k: render.get(k) for k in ("temperature", "top_k", "top_p")}
+                                                                  "iterations", "choice_temperature",
+                                                                  "n_per_class", "n") if k in samples},
+                         "stage2": {k: render.get(k) for k in STAGE2_SAMPLING_KEYS if k in render}
                          if render.get("stage2_checkpoint_sha256") else None},
             "seeds": {"stage1": samples.get("seed"), "stage1_rule": samples.get("seed_rule"),
                       "stage2": render.get("seed"), "stage2_rule": render.get("seed_rule")},
@@ -211,28 +223,37 @@ def _stability_entry(st: dict, base: dict, source: str) -> dict:
 
 def _artifacts(run: str, inputs: dict) -> dict:
     """The files report.html reads, relative to the working directory."""
-    return {"grids": {m: f"results/{run}/samples/{m}/grid.png" for m in ("digit", "vq")},
-            "training": {m: f"results/{run}/checkpoints/{m}/metrics.jsonl" for m in ("digit", "vq", "stage2")},
+    return {"grids": {m: f"results/{run}/samples/{m}/grid.png" for m in ROWS if f"score_{m}" in inputs},
+            "training": {m: f"results/{run}/checkpoints/{m}/metrics.jsonl" for m in TRAINED
+                         if f"train_{m}" in inputs},
             "vq_history": inputs.get("vq"), "encoder": inputs.get("encoder")}
 
 
 def metrics_stage(config: dict, inputs: dict, out_json: str) -> dict:
     """Gather every figure of the run into metrics.json. ``inputs`` maps names to artifact paths:
-    score_{model}, samples_{model}, probe_{model}, train_{model} (train.json) for model in digit/vq,
-    train_stage2, stability, and optionally vq (vq.json) and encoder (encoder.json)."""
+    score_{row} and samples_{row} (the stage-1 samples.json) for every row of ``generators``,
+    probe_{model} for model in digit/vq, train_{name} (train.json) for the trained generators
+    (digit, vq, stage2, stage2_nar, maskgit: those given), stability, and optionally vq (vq.json) and
+    encoder (encoder.json)."""
     commit, dirty = git_commit()
     chash = config_hash(config)
     base = {"config_hash": chash, "git_commit": commit}
     figures, probe = [], {}
+    rows = [r for r in ROWS if r in config.get("generators", ROWS)]
+    missing = [f"{kind}_{r}" for r in rows for kind in ("score", "samples") if f"{kind}_{r}" not in inputs]
+    if missing:
+        raise ConfigError(f"the report needs --input {', '.join(missing)} (the rows of config key 'generators': "
+                          f"{', '.join(rows)})")
+    for row in rows:
+        score, samples = read_json(inputs[f"score_{row}"]), read_json(inputs[f"samples_{row}"])
+        figures += _generation_figures(row, score, samples, base)
     for model in ("digit", "vq"):
-        score, samples = read_json(inputs[f"score_{model}"]), read_json(inputs[f"samples_{model}"])
-        figures += _generation_figures(model, score, samples, base)
         p = read_json(inputs[f"probe_{model}"])
         probe[model] = _probe_entry(p, base, inputs[f"probe_{model}"])
         figures.append(_figure(f"probe_top1/{model}", "probe_top1", model, p["best_test_acc"], base,
                                p.get("n_test"), checkpoint_sha256=p.get("checkpoint_sha256"),
                                source=inputs[f"probe_{model}"]))
-    for model in ("digit", "vq", "stage2"):
+    for model in (m for m in TRAINED if f"train_{m}" in inputs):
         t = read_json(inputs[f"train_{model}"])
         figures.append(_figure(f"final_loss/{model}", "final_loss", model, t.get("final_loss"), base, None,
                                checkpoint_sha256=t.get("checkpoint_sha256"), source=inputs[f"train_{model}"]))

@@ -13,18 +13,39 @@ from typing import Callable
 from torch import nn
 
 from .models.gpt import GPT, GPTConfig
+from .models.mask_sampling import mask_predict_sample
+from .models.maskgit import MaskPredictor
+from .models.sampling import sample as autoregressive_sample
 
 
-def gpt_from_config(mc: dict) -> GPT:
+def gpt_config(mc: dict) -> GPTConfig:
     mc = dict(mc)
     mc["grid"] = tuple(mc["grid"])
     mc["context_grid"] = tuple(mc.get("context_grid", (0, 0)))
-    return GPT(GPTConfig(**mc))
+    return GPTConfig(**mc)
 
 
-def gpt_config_dict(model: GPT) -> dict:
+def gpt_config_dict(model: nn.Module) -> dict:
+    """The JSON-able ``GPTConfig`` of a GPT or a mask-predict model (they share it)."""
     mconf = model.config
     return {**asdict(mconf), "grid": list(mconf.grid), "context_grid": list(mconf.context_grid)}
+
+
+def draw_autoregressive(model: GPT, n: int, *, labels, context, seeds, cfg: dict, batch_size: int):
+    return autoregressive_sample(model, n, labels=labels, context=context, seeds=seeds, batch_size=batch_size,
+                                 temperature=float(cfg["temperature"]), top_k=cfg.get("top_k"),
+                                 top_p=cfg.get("top_p"), cfg_scale=float(cfg.get("cfg_scale", 1.0)))
+
+
+def draw_mask_predict(model: MaskPredictor, n: int, *, labels, context, seeds, cfg: dict, batch_size: int):
+    return mask_predict_sample(model, n, labels=labels, context=context, seeds=seeds, batch_size=batch_size,
+                               iterations=int(cfg["iterations"]), temperature=float(cfg["temperature"]),
+                               top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
+                               choice_temperature=float(cfg["choice_temperature"]),
+                               cfg_scale=float(cfg.get("cfg_scale", 1.0)))
+
+
+AR_SAMPLE_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "seed")
 
 
 @dataclass(frozen=True)
@@ -33,11 +54,17 @@ class Family:
     description: str
     build: Callable[[dict], nn.Module]        # saved model_config -> module
     config_dict: Callable[[nn.Module], dict]  # module -> JSON-able model_config
+    draw: Callable[..., "torch.Tensor"]       # (model, n, *, labels, context, seeds, cfg, batch_size) -> (n, T)
+    sample_keys: tuple[str, ...]              # sampling settings that decide the drawn tokens
 
 
 FAMILIES: dict[str, Family] = {
     "gpt": Family("gpt", "causal transformer over a token grid (stage 1; stage 2 with a context grid)",
-                  gpt_from_config, gpt_config_dict),
+                  lambda mc: GPT(gpt_config(mc)), gpt_config_dict, draw_autoregressive, AR_SAMPLE_KEYS),
+    "maskgit": Family("maskgit", "bidirectional mask-predict transformer over a token grid (MaskGIT; "
+                                 "DiGIT's NAR stage 2 with a context grid)",
+                      lambda mc: MaskPredictor(gpt_config(mc)), gpt_config_dict, draw_mask_predict,
+                      AR_SAMPLE_KEYS + ("iterations", "choice_temperature")),
 }
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .models.maskgit import random_mask
 
 
 @dataclass(frozen=True)
@@ -27,3 +30,20 @@ class NextTokenCE:
         _, loss = model(x, labels=labels, targets=x, label_smoothing=self.label_smoothing,
                         context=batch.get("context"))
         return loss
+
+
+@dataclass(frozen=True)
+class MaskedTokenCE:
+    """Mask-predict cross-entropy (MaskGIT, DiGIT's NAR stage 2): per sample, ``random_mask``
+    replaces a cosine-distributed number of the grid's ``tokens`` by [MASK]; the loss (with label
+    smoothing) covers the masked positions only. The ``context`` grid is never masked."""
+    mask_code: int
+    label_smoothing: float = 0.0
+    conditional: bool = False
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["tokens"]
+        masked = random_mask(x.shape[0], x.shape[1], device=x.device)
+        inputs = x.masked_fill(masked, self.mask_code)
+        logits = model(inputs, batch["labels"] if self.conditional else None, batch.get("context"))
+        return F.cross_entropy(logits[masked].float(), x[masked], label_smoothing=self.label_smoothing)

@@ -1,8 +1,9 @@
-"""Render stage: sampled token grids -> pixels (DiGIT step 6, or the VQ-token baseline).
+"""Render stage: sampled token grids -> pixels (DiGIT step 6, or the VQ-token generators).
 
-DiGIT samples go through stage 2 (the GPT with the DiGIT grid as context draws the VQ grid, top-p,
-resumable in parts under ``render/``, seeded per sample on a stream of its own) and then the VQGAN
-decoder; VQ-token samples are decoded directly. Writes ``images.npz`` (uint8 (n, H, W, 3) +
+DiGIT samples go through a stage 2 with the DiGIT grid as context that draws the VQ grid (the AR
+GPT with top-p, or the NAR mask-predict model with its iterative decoding, as the stage-2
+checkpoint's family says; resumable in parts under ``render/``, seeded per sample on a stream of
+its own) and then the VQGAN decoder; VQ-token samples (VQ GPT, MaskGIT) are decoded directly. Writes ``images.npz`` (uint8 (n, H, W, 3) +
 labels), ``grid.png`` (one row per class) and ``images.json`` (provenance).
 
 Provenance, checked before any work: the VQ file must match the sha256 its ``.json`` records and
@@ -22,16 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import load_generator
 from .devices import resolve_device
+from .families import family
 from .io import file_sha256, write_bytes_atomic, write_json_atomic, write_npy_atomic
-from .models.sampling import sample
 from .provenance import Record, label, model_tokenizer, record_from_json, require_recorded_sha256, require_same
-from .sample import SEED_RULE, gather_parts, params_hash, run_parts, sample_seed
-from .train import load_model
+from .sample import SEED_RULE, gather_parts, params_hash, run_parts, sample_seed, sampling_keys
 from .vq import load_configured_vq, load_vq, to_uint8
 
 RENDER_SEED_OFFSET = 1 << 40   # stage-2 draws of sample i use sample_seed(seed, i) + this: a stream of their own
-RENDER_PARAM_KEYS = ("temperature", "top_k", "top_p", "seed")
+ROUTES = {"gpt": "DiGIT tokens -> AR stage 2 (VQ tokens) -> VQGAN decoder",
+          "maskgit": "DiGIT tokens -> NAR stage 2 (mask-predict, VQ tokens) -> VQGAN decoder"}
 
 
 def _decode(vq_model, grids: np.ndarray, batch_size: int, device) -> np.ndarray:
@@ -74,8 +76,8 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
     """Turn the token grids of a sample folder into images (DiGIT step 6, or the VQ baseline).
 
     With ``stage2_checkpoint`` the grids are DiGIT tokens: stage 2 draws the VQ grid of every sample
-    with its DiGIT grid as context (top-p from ``render_cfg``, KV cache prefilled with the context),
-    then the VQGAN decodes it. Without, the grids already are VQ tokens (the baseline) and are
+    with its DiGIT grid as context (the settings of its family from ``render_cfg``: top-p for the AR
+    GPT, iterations for the NAR model), then the VQGAN decodes it. Without, the grids already are VQ tokens (the baseline) and are
     decoded directly. Writes ``images.npz`` (images (n, H, W, 3) uint8, labels), ``grid.png`` and
     ``images.json`` into ``out_dir`` (default: the sample folder); stage-2 work is resumable in parts
     under ``render/``. ``vq_section``: the config's ``vq`` section (needed for taming checkpoints)."""
@@ -106,9 +108,10 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
                    f"the model whose samples these are ({src_meta.get('checkpoint')}) was trained on tokens of "
                    f"another VQ checkpoint; decode with that one")
         vq_grids = tokens
-        meta["route"] = "VQ tokens decoded directly (VQ-token baseline)"
+        meta["route"] = f"VQ tokens decoded directly ({src_meta.get('family', 'gpt')} over VQ tokens)"
     else:
-        model, s2 = load_model(str(stage2_checkpoint), ema=bool(render_cfg.get("ema", True)), device=dev)
+        model, s2 = load_generator(str(stage2_checkpoint), ema=bool(render_cfg.get("ema", True)), device=dev)
+        fam = family(s2["family"])
         c = model.config
         if c.context_len == 0:
             raise ValueError(f"{stage2_checkpoint} is not a stage-2 checkpoint (it has no context grid)")
@@ -119,7 +122,8 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
             raise ValueError(f"stage 2 predicts {c.grid} grids of {c.vocab_size} codes, but {vq_checkpoint} "
                              f"has {vq_model.grid_size}x{vq_model.grid_size} and {vq_model.codebook_size} codes")
         check_stage2_provenance(src, src_meta, vq_checkpoint, vq_sha, str(stage2_checkpoint), s2)
-        params = {k: render_cfg.get(k) for k in RENDER_PARAM_KEYS}
+        keys = sampling_keys(fam.name, render_cfg, str(stage2_checkpoint), drop=("cfg_scale",))
+        params = {k: render_cfg[k] for k in keys}
         params.update(stage2_sha256=s2["sha256"], weights=s2["weights"], samples_sha256=file_sha256(src / "tokens.npy"),
                       seed_rule=f"{SEED_RULE}, plus {RENDER_SEED_OFFSET}")
         chunk = int(render_cfg.get("chunk", 1000))
@@ -130,18 +134,17 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
             part = labels[start:stop]   # -1 (unconditional samples) -> the null class
             lab = torch.from_numpy(np.where(part >= 0, part, model.null_class)) if cond else None
             seeds = [sample_seed(params["seed"] or 0, i) + RENDER_SEED_OFFSET for i in range(start, stop)]
-            grids = sample(model, stop - start, labels=lab, temperature=float(params["temperature"] or 1.0),
-                           top_k=params["top_k"], top_p=params["top_p"], seeds=seeds, batch_size=batch,
-                           context=ctx)
+            grids = fam.draw(model, stop - start, labels=lab, context=ctx, seeds=seeds, cfg=params,
+                             batch_size=batch)
             return grids.cpu().numpy().astype(np.uint16).reshape(-1, *c.grid)
 
         run = run_parts(out / "render", labels, chunk, params_hash(params), make_part, progress=progress,
-                        desc=f"stage 2 {out.name}")
+                        desc=f"stage 2 ({fam.name}) {out.name}")
         if not run["complete"]:
             return run
         vq_grids = gather_parts(out / "render", labels, chunk)
         write_npy_atomic(out / "vq_tokens.npy", vq_grids)
-        meta.update(route="DiGIT tokens -> stage 2 (VQ tokens) -> VQGAN decoder", stage2_checkpoint=str(stage2_checkpoint),
+        meta.update(route=ROUTES[fam.name], stage2_family=fam.name, stage2_checkpoint=str(stage2_checkpoint),
                     stage2_checkpoint_sha256=s2["sha256"], stage2_step=s2["step"], **params,
                     stage2_seconds_this_run=round(run["seconds"], 3))
     images = _decode(vq_model, vq_grids, batch, dev)

@@ -126,12 +126,40 @@ def _header(m: Mapping) -> str:
             f"<nav>{nav}</nav></header>\n")
 
 
+ROW_ORDER = ("digit", "digit_nar", "vq", "maskgit")
+FAMILY_TEXT = {"gpt": "GPT (autoregressive)", "maskgit": "MaskGIT (mask-predict)"}
+
+
 def _models(figures: Sequence[Mapping], metrics: Iterable[str]) -> list[str]:
-    """Models with any of ``metrics``: digit and vq first, the rest in order of appearance."""
+    """Models with any of ``metrics``: the generator rows in table order first, the rest in order of appearance."""
     wanted = set(metrics)
     seen = [f["model"] for f in figures if f.get("metric") in wanted]
-    order = [m for m in ("digit", "vq") if m in seen]
+    order = [m for m in ROW_ORDER if m in seen]
     return order + [m for m in dict.fromkeys(seen) if m not in order]
+
+
+def _sampler_text(family: str | None, sampling: Mapping | None) -> str:
+    text = FAMILY_TEXT.get(family or "gpt", str(family))
+    if isinstance(sampling, Mapping) and sampling.get("iterations") is not None:
+        text += f", {sampling['iterations']} iterations"
+    return text
+
+
+def _route(f: Mapping) -> list[str]:
+    """Cells saying what a generation row is, from its FID figure's provenance: the tokens and
+    generator, how its tokens become pixels, and the checkpoints (sha256 prefixes)."""
+    p = f.get("provenance") or {}
+    sampling = p.get("sampling") or {}
+    tokens = "DiGIT" if p.get("stage2_checkpoint_sha256") else "VQ"
+    stage1 = f"{tokens} tokens, {_sampler_text(p.get('family'), sampling.get('stage1'))}"
+    if p.get("stage2_checkpoint_sha256"):
+        kind = "NAR" if p.get("stage2_family") == "maskgit" else "AR"
+        pixels = f"{kind} stage 2: {_sampler_text(p.get('stage2_family'), sampling.get('stage2'))} → VQGAN"
+    else:
+        pixels = "VQGAN decoder"
+    shas = [("stage 1", p.get("checkpoint_sha256")), ("stage 2", p.get("stage2_checkpoint_sha256"))]
+    ck = " ".join(f'<code title="{esc(v)}">{name} {esc(str(v)[:10])}</code>' for name, v in shas if v)
+    return [esc(stage1), esc(pixels), ck or '<span class="na">—</span>']
 
 
 def _headline(m: Mapping) -> str:
@@ -142,10 +170,11 @@ def _headline(m: Mapping) -> str:
     models = _models(figs, [h[0] for h in HEADLINE] + ["is_std"])
     if not models:
         return na("no FID / IS / precision / recall figures in metrics.json")
-    head = ["model"] + [f"{t} {arrow}" for _, t, _, arrow in metrics]
+    head = ["model"] + [f"{t} {arrow}" for _, t, _, arrow in metrics] + ["generator", "pixels via", "checkpoints"]
     rows = []
     for model in models:
         row = [f"<b>{esc(model_label(model))}</b>"]
+        route = _route(by[(model, "fid")]) if (model, "fid") in by else ['<span class="na">—</span>'] * 3
         for metric, _, digits, _ in metrics:
             f = by.get((model, metric))
             if f is None:
@@ -157,10 +186,14 @@ def _headline(m: Mapping) -> str:
             if metric == "fid" or f.get("n_samples") is not None:
                 cell += n_badge(f.get("n_samples"))
             row.append(cell)
-        rows.append(row)
-    return (html_table(head, rows) +
+        rows.append(row + route)
+    n_metrics = len(metrics)
+    return (html_table(head, rows, text_cols=(n_metrics + 1, n_metrics + 2, n_metrics + 3)) +
             '<p class="sub">↓ lower is better, ↑ higher is better. DiGIT samples are rendered to pixels through '
-            'stage 2 and the VQ decoder; the VQ baseline is the same stage-1 GPT trained on VQ tokens directly.</p>')
+            'a stage 2 (AR: the GPT with the DiGIT grid as prefix; NAR: mask-predict, the paper\'s "DiGIT '
+            '(+MaskGIT)") and the VQ decoder; the VQ baseline is the same stage-1 GPT trained on VQ tokens, '
+            'MaskGIT the NAR model without a DiGIT context. Full provenance of every number: '
+            '<a href="#provenance">Provenance</a>.</p>')
 
 
 def _samples(m: Mapping, workdir: Path) -> str:
@@ -168,7 +201,7 @@ def _samples(m: Mapping, workdir: Path) -> str:
     grids = (m.get("artifacts") or {}).get("grids") or {}
     figs = {(f.get("model"), f.get("metric")): f for f in m.get("figures", []) if isinstance(f, dict)}
     panels = []
-    for model in ["digit", "vq"] + [k for k in grids if k not in ("digit", "vq")]:
+    for model in [m for m in ROW_ORDER if m in grids] + [k for k in grids if k not in ROW_ORDER]:
         rel = grids.get(model)
         title = esc(model_label(model))
         fid = figs.get((model, "fid"))

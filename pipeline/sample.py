@@ -1,5 +1,6 @@
-"""Sample stage: draw token grids from a trained stage-1 GPT (DiGIT step 8, the 50k samples for FID/IS).
-``render.py`` turns them into pixels.
+"""Sample stage: draw token grids from a trained generator (DiGIT step 8, the 50k samples for FID/IS):
+the stage-1 GPT (autoregressive, KV cache) or a MaskGIT model (iterative mask-predict decoding), as
+the checkpoint's ``family`` says (``families.FAMILIES``). ``render.py`` turns them into pixels.
 
 Layout of ``out_dir``::
 
@@ -16,13 +17,13 @@ Which samples: a class-conditional model gets exactly ``n_per_class`` samples of
 0..C-1 in class-major order (labels 0,0,..,1,1,..); an unconditional model gets ``n`` samples.
 
 Seeds: sample i (global index) is drawn with its own generator seeded with
-``seed * 1_000_003 + i`` (``sample_seed``); ``pipeline.models.sampling.sample`` draws one uniform
-per token from it, so a sample depends neither on ``batch_size`` nor ``chunk`` nor on the number of
+``seed * 1_000_003 + i`` (``sample_seed``); both samplers draw a fixed number of uniforms per token
+and step from it, so a sample depends neither on ``batch_size`` nor ``chunk`` nor on the number of
 processes.
 
 Resuming: a restarted run skips every part whose json holds the same parameter hash (checkpoint
-sha256, EMA or not, temperature, top_k, top_p, cfg_scale, seed, sample counts, chunk) and redoes the
-others. Changing a parameter therefore regenerates everything; changing ``batch_size`` or the device
+sha256, EMA or not, the family's sampling settings (temperature, top_k, top_p, cfg_scale, seed;
+iterations and choice_temperature for MaskGIT), sample counts, chunk) and redoes the others. Changing a parameter therefore regenerates everything; changing ``batch_size`` or the device
 does not.
 
 Several processes: with env ``WORLD_SIZE`` > 1 and ``RANK`` set (e.g. a SLURM array or torchrun,
@@ -43,15 +44,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import load_generator
+from .config import ConfigError
 from .devices import resolve_device
+from .families import family
 from .io import write_json_atomic, write_npy_atomic
-from .models.sampling import sample
 from .provenance import model_tokenizer, record_to_json
-from .train import load_model
 
 SEED_STRIDE = 1_000_003
 SEED_RULE = f"sample i uses torch.Generator seeded with seed * {SEED_STRIDE} + i"
-PARAM_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "seed")
 
 
 def sample_seed(seed: int, i: int) -> int:
@@ -63,6 +64,18 @@ def plan_labels(num_classes: int, sample_cfg: dict) -> np.ndarray:
     if num_classes > 0:
         return np.repeat(np.arange(num_classes, dtype=np.int64), int(sample_cfg["n_per_class"]))
     return np.full(int(sample_cfg["n"]), -1, dtype=np.int64)
+
+
+def sampling_keys(fam_name: str, sample_cfg: dict, what: str, drop: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The sampling settings of family ``fam_name`` (less ``drop``); ConfigError naming the missing
+    ones when ``sample_cfg`` lacks any (a MaskGIT model sampled with a GPT's settings section)."""
+    keys = tuple(k for k in family(fam_name).sample_keys if k not in drop)
+    missing = [k for k in keys if k not in sample_cfg]
+    if missing:
+        raise ConfigError(f"{what} is a {fam_name!r} model, whose sampling needs {', '.join(missing)}, absent "
+                          f"from the settings given (a MaskGIT model samples with maskgit.sample or "
+                          f"stage2_nar.sample)")
+    return keys
 
 
 def params_hash(params: dict) -> str:
@@ -146,9 +159,13 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
     dev = resolve_device(device)
     out = Path(out_dir)
     ema = bool(sample_cfg.get("ema", True))
-    model, ckpt_meta = load_model(str(checkpoint), ema=ema, device=dev)
+    model, ckpt_meta = load_generator(str(checkpoint), ema=ema, device=dev)
+    fam = family(ckpt_meta["family"])
+    keys = sampling_keys(fam.name, sample_cfg, str(checkpoint))
     ckpt_sha = ckpt_meta["sha256"]
     c = model.config
+    if c.context_len:
+        raise ValueError(f"{checkpoint} is a stage-2 model (it needs a context grid): render with it instead")
     h, w = c.grid
     labels = plan_labels(c.num_classes, sample_cfg)
     n_total = len(labels)
@@ -161,17 +178,15 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
     if c.vocab_size > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"vocab {c.vocab_size} does not fit uint16 tokens")
 
-    params = {k: sample_cfg[k] for k in PARAM_KEYS}
+    params = {k: sample_cfg[k] for k in keys}
     params.update(checkpoint_sha256=ckpt_sha, weights=ckpt_meta["weights"], n_total=n_total,
                   num_classes=c.num_classes, chunk=chunk, seed_rule=SEED_RULE)
 
     def make_part(start: int, stop: int) -> np.ndarray:
         lab = labels[start:stop]
-        toks = sample(model, stop - start, labels=None if c.num_classes == 0 else torch.from_numpy(lab),
-                      temperature=float(sample_cfg["temperature"]), top_k=sample_cfg["top_k"],
-                      top_p=sample_cfg["top_p"], cfg_scale=cfg_scale,
-                      seeds=[sample_seed(sample_cfg["seed"], i) for i in range(start, stop)],
-                      batch_size=int(sample_cfg["batch_size"]))
+        toks = fam.draw(model, stop - start, labels=None if c.num_classes == 0 else torch.from_numpy(lab),
+                        context=None, seeds=[sample_seed(sample_cfg["seed"], i) for i in range(start, stop)],
+                        cfg=params, batch_size=int(sample_cfg["batch_size"]))
         return toks.cpu().numpy().astype(np.uint16).reshape(-1, h, w)
 
     run = run_parts(out, labels, chunk, params_hash(params), make_part, progress=progress,
@@ -184,10 +199,10 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
     write_npy_atomic(out / "tokens.npy", tokens)
     write_npy_atomic(out / "labels.npy", labels)
     meta = {
-        "stage": "sample", "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt_sha,
+        "stage": "sample", "family": fam.name, "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt_sha,
         "weights": ckpt_meta["weights"], "model_step": ckpt_meta.get("step"),
         "model_config": ckpt_meta.get("model_config"), "sample_cfg": dict(sample_cfg),
-        **{k: sample_cfg[k] for k in PARAM_KEYS}, "batch_size": int(sample_cfg["batch_size"]),
+        **{k: sample_cfg[k] for k in keys}, "batch_size": int(sample_cfg["batch_size"]),
         "chunk": chunk, "n": n_total, "n_per_class": int(sample_cfg["n_per_class"]) if c.num_classes else None,
         "num_classes": c.num_classes, "grid": [h, w], "vocab_size": c.vocab_size,
         "labels_rule": "class-major, n_per_class per class" if c.num_classes else "unconditional: -1",

@@ -27,11 +27,17 @@ RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
     "vq": ("batch_size", "device"),
     "train": ("device", "processes"),
     "stage2.train": ("device", "processes"),
+    "stage2_nar.train": ("device", "processes"),
+    "maskgit.train": ("device", "processes"),
     "sample": ("batch_size", "chunk"),           # sample i is seeded from (seed, i): no batch/part effect
     "stage2.sample": ("batch_size", "chunk"),
+    "stage2_nar.sample": ("batch_size", "chunk"),
+    "maskgit.sample": ("batch_size", "chunk"),
     "evaluate": ("batch_size", "device"),
 }
 VIEW_KEYS = ("resize", "crop", "image_size", "mean", "std")   # how views are cut from an image
+# what the NAR stage 2 reads of stage2_nar.sample when it renders (not the sample counts)
+NAR_RENDER_KEYS = ("iterations", "choice_temperature", "temperature", "top_k", "top_p", "seed")
 
 
 def section(c: dict, name: str) -> dict:
@@ -114,9 +120,14 @@ OUTPUT_SETTINGS: dict[str, Callable[[dict], dict]] = {
     "vq-tokens": lambda c: {"vq": vq_model(c), "encoder": view_settings(c)},
     "train": lambda c: {"train": without_runtime(c, "train")},
     "train-stage2": lambda c: nested("stage2.train", without_runtime(c, "stage2.train")),
+    "train-stage2-nar": lambda c: nested("stage2_nar.train", without_runtime(c, "stage2_nar.train")),
+    "train-maskgit": lambda c: nested("maskgit.train", without_runtime(c, "maskgit.train")),
     "sample": lambda c: {"sample": without_runtime(c, "sample")},
+    "sample-maskgit": lambda c: nested("maskgit.sample", without_runtime(c, "maskgit.sample")),
     "probe": lambda c: {"probe": c["probe"]},
     "render": lambda c: {**nested("stage2.sample", without_runtime(c, "stage2.sample")), "vq": vq_model(c)},
+    "render-nar": lambda c: {**nested("stage2_nar.sample", pick(c, "stage2_nar.sample", *NAR_RENDER_KEYS)),
+                             "vq": vq_model(c)},
     "render-vq": lambda c: {"vq": vq_model(c)},
     "reference": lambda c: {"evaluate": pick(c, "evaluate", "network", "reference_split", "n_reference"),
                             "encoder": view_settings(c)},
@@ -156,9 +167,13 @@ RUNTIME_SETTINGS: dict[str, Callable[[dict], dict]] = {
     "vq-tokens": _runtime("vq"),
     "train": _runtime("train"),
     "train-stage2": _runtime("stage2.train"),
+    "train-stage2-nar": _runtime("stage2_nar.train"),
+    "train-maskgit": _runtime("maskgit.train"),
     "sample": _both(_runtime("sample"), _device("train")),
+    "sample-maskgit": _both(_runtime("maskgit.sample"), _device("maskgit.train")),
     "probe": _device("train"),
     "render": _both(_runtime("stage2.sample"), _device("stage2.train")),
+    "render-nar": _both(_runtime("stage2_nar.sample"), _device("stage2_nar.train")),
     "render-vq": _both(_runtime("stage2.sample"), _device("stage2.train")),
     "reference": _runtime("evaluate"),
     "score": _runtime("evaluate"),

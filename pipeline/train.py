@@ -1,13 +1,21 @@
-"""GPT training stage (DiGIT steps 5 and 6): the causal GPT of ``models/gpt.py`` over token grids.
+"""Training stage for the token-grid generators (DiGIT steps 5 and 6, and the baselines).
 
-    summary = train_stage1(train_cfg, token_files, out_dir, max_steps=None)
+    summary = train_stage1(train_cfg, token_files, out_dir, max_steps=None, family="gpt")
     model, meta = load_model(out_dir + "/final.pt", ema=True)
 
-Stage 1 models DiGIT (or VQ) token grids; with ``context_files`` (one DiGIT token shard per VQ
-token shard, same images and views) the same model trains as stage 2, predicting the VQ grid
-after the DiGIT grid. The loop itself (resume, DDP, EMA, logging, checkpoints) is the generic
-``trainer.train``; this module only builds the job: data (``token_data.TokenDataset``), the
-model and the objective (``objectives.NextTokenCE``).
+Two families over token grids: the causal GPT (``models/gpt.py``, next-token CE) and the
+mask-predict transformer (``models/maskgit.py``, masked-token CE; ``family="maskgit"``). Stage 1
+models DiGIT (or VQ) token grids; with ``context_files`` (one DiGIT token shard per VQ token shard,
+same images and views) the same model trains as stage 2, predicting the VQ grid given the DiGIT
+grid. The loop itself (resume, DDP, EMA, logging, checkpoints) is the generic ``trainer.train``;
+this module only builds the job: data (``token_data.TokenDataset``), the model and its objective.
+
+Which config section trains which model (``TRAIN_SECTIONS``):
+
+    train              GPT over DiGIT or VQ tokens (stage 1, and the VQ-token baseline)
+    stage2.train       GPT over VQ tokens after the DiGIT grid (AR stage 2)
+    stage2_nar.train   mask-predict over VQ tokens given the DiGIT grid (NAR stage 2, "DiGIT (+MaskGIT)")
+    maskgit.train      mask-predict over VQ tokens (the MaskGIT baseline)
 
 Provenance: training stops unless every token shard comes from one tokenizer (and every context
 shard from one), as their sidecars record it (``provenance.shard_tokenizer``); the checkpoint's
@@ -21,7 +29,8 @@ from . import checkpoints, trainer
 from .config import ConfigError
 from .families import gpt_config_dict
 from .models.gpt import GPT, GPTConfig
-from .objectives import NextTokenCE
+from .models.maskgit import MaskPredictor
+from .objectives import MaskedTokenCE, NextTokenCE
 from .provenance import read_sidecar, shard_tokenizer, token_files_tokenizer
 from .token_data import TokenDataset
 
@@ -42,8 +51,22 @@ def check_one_tokenizer(token_files: list[str], context_files: list[str] | None)
         token_files_tokenizer(context_files, hint)
 
 
-def gpt_job(cfg: dict, token_files: list[str], context_files: list[str] | None):
-    """``build_job`` for the trainer: the GPT sized to the token shards, and its objective."""
+# section -> (family, whether it takes a DiGIT context grid)
+TRAIN_SECTIONS = {"train": ("gpt", False), "stage2.train": ("gpt", True),
+                  "stage2_nar.train": ("maskgit", True), "maskgit.train": ("maskgit", False)}
+
+
+def model_and_objective(family: str, config: GPTConfig, cfg: dict, conditional: bool):
+    if family == "maskgit":
+        model = MaskPredictor(config)
+        return model, MaskedTokenCE(model.mask_code, float(cfg["label_smoothing"]), conditional)
+    if family == "gpt":
+        return GPT(config), NextTokenCE(float(cfg["label_smoothing"]), conditional)
+    raise ValueError(f"no training job for generator family {family!r}")
+
+
+def token_model_job(cfg: dict, token_files: list[str], context_files: list[str] | None, family: str = "gpt"):
+    """``build_job`` for the trainer: the ``family`` model sized to the token shards, and its objective."""
     def build(device) -> trainer.TrainJob:
         data = TokenDataset(token_files, seed=int(cfg["seed"]), context_files=context_files)
         num_classes = data.num_classes if cfg["conditional"] else 0
@@ -51,11 +74,12 @@ def gpt_job(cfg: dict, token_files: list[str], context_files: list[str] | None):
                      "num_classes": num_classes, "class_dropout": float(cfg["class_dropout"])}
         if context_files:
             overrides.update(context_vocab_size=data.context_codebook_size, context_grid=data.context_grid)
-        model = GPT(GPTConfig.preset(cfg["preset"], **overrides)).to(device)
+        model, objective = model_and_objective(family, GPTConfig.preset(cfg["preset"], **overrides), cfg,
+                                               bool(num_classes))
+        model = model.to(device)
         inputs = input_ids(token_files) + (input_ids(context_files) if context_files else [])
         return trainer.TrainJob(
-            family="gpt", model=model, model_config=gpt_config_dict(model),
-            objective=NextTokenCE(float(cfg["label_smoothing"]), conditional=bool(num_classes)),
+            family=family, model=model, model_config=gpt_config_dict(model), objective=objective,
             data=data, inputs=inputs,
             tokens_per_sample=model.config.context_len + model.config.block_size,
             summary={"stage": "stage2" if context_files else "stage1"})
@@ -63,15 +87,15 @@ def gpt_job(cfg: dict, token_files: list[str], context_files: list[str] | None):
 
 
 def train_stage1(train_cfg: dict, token_files: list[str], out_dir: str, *, max_steps: int | None = None,
-                 progress: bool = True, context_files: list[str] | None = None) -> dict:
-    """Train (or resume) the GPT; returns the summary also written to ``out_dir/train.json`` when all
-    steps are done."""
+                 progress: bool = True, context_files: list[str] | None = None, family: str = "gpt") -> dict:
+    """Train (or resume) a ``family`` model; returns the summary also written to
+    ``out_dir/train.json`` when all steps are done."""
     token_files = [str(f) for f in token_files]
     context_files = [str(f) for f in context_files] if context_files else None
     check_one_tokenizer(token_files, context_files)
-    build = gpt_job(checkpoints.normalise_cfg(train_cfg), token_files, context_files)
-    return trainer.train(train_cfg, out_dir, build, max_steps=max_steps, progress=progress,
-                         desc="stage2" if context_files else "stage1")
+    build = token_model_job(checkpoints.normalise_cfg(train_cfg), token_files, context_files, family)
+    desc = ("stage2" if context_files else "stage1") + ("" if family == "gpt" else f" {family}")
+    return trainer.train(train_cfg, out_dir, build, max_steps=max_steps, progress=progress, desc=desc)
 
 
 def load_model(checkpoint: str, ema: bool = True, device: str = "cpu") -> tuple[GPT, dict]:
@@ -86,12 +110,23 @@ def load_model(checkpoint: str, ema: bool = True, device: str = "cpu") -> tuple[
 
 
 def train_stage(config: dict, token_files: list[str], out_dir: str, *, context: list[str] | None = None,
-                max_steps: int | None = None, progress: bool = True) -> dict:
-    """The train stage as the config describes it: stage 1 (``train``), or stage 2 (``stage2.train``)
-    with ``context`` shards, paired with the token shards by file name."""
+                max_steps: int | None = None, progress: bool = True, section: str | None = None) -> dict:
+    """The train stage as the config ``section`` (a key of ``TRAIN_SECTIONS``) describes it; default
+    ``train``, or ``stage2.train`` when ``context`` shards are given. Context shards are paired
+    with the token shards by file name."""
+    section = section or ("stage2.train" if context else "train")
+    if section not in TRAIN_SECTIONS:
+        raise ConfigError(f"unknown training section {section!r}; choose from {', '.join(TRAIN_SECTIONS)}")
+    family, needs_context = TRAIN_SECTIONS[section]
+    if needs_context != bool(context):
+        raise ConfigError(f"section {section!r} " + ("needs --context (the DiGIT token shards)" if needs_context
+                                                     else "takes no --context"))
     if context and len(context) != len(token_files):
         raise ConfigError(f"--context needs one DiGIT token shard per --tokens shard "
                           f"({len(context)} vs {len(token_files)})")
-    section = config["stage2"]["train"] if context else config["train"]
-    return train_stage1(section, sorted(token_files, key=os.path.basename), out_dir, max_steps=max_steps,
-                        progress=progress, context_files=sorted(context, key=os.path.basename) if context else None)
+    cfg = config
+    for part in section.split("."):
+        cfg = cfg[part]
+    return train_stage1(cfg, sorted(token_files, key=os.path.basename), out_dir, max_steps=max_steps,
+                        progress=progress, context_files=sorted(context, key=os.path.basename) if context else None,
+                        family=family)

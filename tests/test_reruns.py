@@ -228,6 +228,11 @@ RESULT_KEYS = {
     "vq.train.lr": (0.01, {"train-vq"}),
     "stage2.train.lr": (0.01, {"train-stage2"}),
     "stage2.sample.top_p": (0.5, {"render"}),
+    "stage2_nar.train.lr": (0.01, {"train-stage2-nar"}),
+    "stage2_nar.sample.iterations": (6, {"render-nar"}),
+    "stage2_nar.sample.n_per_class": (3, set()),      # stage 2 renders the DiGIT samples: counts unused
+    "maskgit.train.lr": (0.01, {"train-maskgit"}),
+    "maskgit.sample.iterations": (6, {"sample-maskgit"}),
     "probe.epochs": (3, {"probe"}),
     "evaluate.pr_k": (5, {"score"}),
     "evaluate.n_reference": (30, {"reference"}),
@@ -252,8 +257,8 @@ def test_runtime_keys_change_no_output():
     real = _set(_set(_set(cfg, "encoder.train", None), "encoder.checkpoint", "w/dino.pth"), "vq.train", None)
     real = _set(real, "vq.checkpoint", "w/vq.ckpt")
     assert _changed_stages(real, "encoder.arch", "dinov2_vits14") == {"features", "tokens", "stability", "report"}
-    assert _changed_stages(real, "vq.checkpoint", "w/other.ckpt") == {"vq-tokens", "render", "render-vq",
-                                                                      "stability", "report"}
+    assert _changed_stages(real, "vq.checkpoint", "w/other.ckpt") == {"vq-tokens", "render", "render-nar",
+                                                                      "render-vq", "stability", "report"}
 
 
 def test_result_keys_change_exactly_their_stages():
@@ -317,16 +322,20 @@ def test_each_stage_gets_a_valid_config():
 
 # -- B: dry-run plans on a complete smoke run -------------------------------------------------------------
 
-LATER = {"train_stage1", "sample_stage1", "probe_stage1", "render_digit", "render_vq", "score", "report", "all"}
-AFTER_TOKENS = {"tokens", "vq_tokens", "train_stage2"} | LATER
+LATER = {"train_stage1", "sample_stage1", "probe_stage1", "render_digit", "render_digit_nar", "render_vq", "score",
+         "report", "all"}
+AFTER_TOKENS = {"tokens", "vq_tokens", "train_stage2", "train_stage2_nar", "train_maskgit", "sample_maskgit"} | LATER
 # the rules a dry run plans after one setting changed
 PLANS = {
     "kmeans.k": ({"kmeans", "stability"} | AFTER_TOKENS),
     "tokens.views": AFTER_TOKENS,
     "train.lr": LATER,
-    "sample.temperature": {"sample_stage1", "render_digit", "render_vq", "score", "report", "all"},
+    "sample.temperature": {"sample_stage1", "render_digit", "render_digit_nar", "render_vq", "score", "report",
+                           "all"},
     "encoder.layer": {"features", "kmeans", "stability"} | AFTER_TOKENS,
     "stage2.sample.top_p": {"render_digit", "score", "report", "all"},
+    "stage2_nar.sample.iterations": {"render_digit_nar", "score", "report", "all"},
+    "maskgit.sample.iterations": {"sample_maskgit", "render_vq", "score", "report", "all"},
     "evaluate.pr_k": {"score", "report", "all"},
 }
 

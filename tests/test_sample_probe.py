@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.sample as sample_mod
+import pipeline.families as families
 from pipeline.io import file_sha256
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.probe import probe_stage
@@ -68,7 +68,7 @@ def test_batch_and_chunk_invariance(ckpt, tmp_path):
 def test_resume_after_crash(ckpt, tmp_path, monkeypatch):
     run(ckpt, tmp_path / "full")
     ref = np.load(tmp_path / "full/tokens.npy")
-    real, calls = sample_mod.sample, []
+    real, calls = families.autoregressive_sample, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -76,7 +76,7 @@ def test_resume_after_crash(ckpt, tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(sample_mod, "sample", flaky)
+    monkeypatch.setattr(families, "autoregressive_sample", flaky)
     with pytest.raises(RuntimeError, match="killed"):
         run(ckpt, tmp_path / "r")
     assert (tmp_path / "r/parts/part-00000.json").is_file() and not (tmp_path / "r/tokens.npy").exists()
@@ -86,7 +86,7 @@ def test_resume_after_crash(ckpt, tmp_path, monkeypatch):
         counted.append(a[1])
         return real(*a, **k)
 
-    monkeypatch.setattr(sample_mod, "sample", counting)
+    monkeypatch.setattr(families, "autoregressive_sample", counting)
     meta = run(ckpt, tmp_path / "r")
     assert counted == [4, 1] and meta["made_samples_this_run"] == 5  # part 0 was skipped
     np.testing.assert_array_equal(np.load(tmp_path / "r/tokens.npy"), ref)

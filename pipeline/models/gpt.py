@@ -102,9 +102,13 @@ class KVCache:
         return self.k.shape[3]
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; ``causal=False`` lets every position see every other (the
+    mask-predict model of ``models/maskgit.py``, which never uses a KV cache)."""
+
+    def __init__(self, config: GPTConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -117,7 +121,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         p = self.dropout if self.training else 0.0
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
         else:
             s = cache.pos
             cache.k[layer, :, :, s:s + L] = k
@@ -146,10 +150,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, causal: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = SelfAttention(config, causal)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -158,12 +162,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+class TokenTransformer(nn.Module):
+    """What the GPT and the mask-predict model (``models/maskgit.py``) share: the token, position,
+    context and class tables, the pre-norm blocks (causal or not), the final norm and the head,
+    GPT-2 init, and the condition / context embedding. ``extra_codes`` adds input-only rows to the
+    token table after the ``vocab_size`` codes (the [MASK] code); the head predicts the codes only."""
+
+    def __init__(self, config: GPTConfig, causal: bool = True, extra_codes: int = 0):
         super().__init__()
         self.config = config
         D = config.n_embd
-        self.tok_emb = nn.Embedding(config.vocab_size, D)
+        self.tok_emb = nn.Embedding(config.vocab_size + extra_codes, D)
         # row 0: condition; then one row per context position, then one per grid position
         self.pos_emb = nn.Embedding(config.context_len + config.block_size + 1, D)
         if config.context_len:
@@ -173,7 +182,7 @@ class GPT(nn.Module):
         else:
             self.bos = nn.Parameter(torch.zeros(1, 1, D))
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.blocks = nn.ModuleList([Block(config, causal) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(D, bias=config.bias)
         self.head = nn.Linear(D, config.vocab_size, bias=False)  # untied from tok_emb
 
@@ -256,6 +265,11 @@ class GPT(nn.Module):
         x = torch.cat([self._head_embedding(labels, context, B), self.tok_emb(prefix)], dim=1)
         pos = torch.arange(x.shape[1], device=x.device)
         return self.drop(x + self.pos_emb(pos))
+
+
+class GPT(TokenTransformer):
+    def __init__(self, config: GPTConfig):
+        super().__init__(config, causal=True)
 
     # -- full sequence -----------------------------------------------------------------------------
 

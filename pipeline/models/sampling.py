@@ -35,13 +35,24 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs (..., V) from uniforms u (...): the first index whose cumulative
+    probability exceeds u * total."""
+    cdf = probs.double().cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u.double() * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return idx.clamp_(max=probs.size(-1) - 1)
+
+
+def uniforms(generators: list[torch.Generator], n: int | None = None, device=None) -> torch.Tensor:
+    """float64 uniforms, row i from generators[i]: shape (B,) when n is None, else (B, n)."""
+    shape = () if n is None else (n,)
+    u = torch.stack([torch.rand(shape, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+    return u.to(device) if device is not None else u
+
+
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of probs (B, V), row i using generators[i] (one uniform each)."""
-    u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64)
-                     for g in generators]).to(probs.device)
-    cdf = probs.double().cumsum(dim=-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-    return idx.clamp_(max=probs.size(-1) - 1)
+    return inverse_cdf(probs, uniforms(generators, device=probs.device))
 
 
 def pick(logits, generators, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:

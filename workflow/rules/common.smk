@@ -9,6 +9,12 @@ PY = shlex.quote(sys.executable)
 DATASET = config["dataset"]["name"]
 RUN = config["run"]
 MODELS = ("digit", "vq")   # stage-1 token kinds: DiGIT tokens (the method) and VQ tokens (the baseline)
+# Rows that are rendered and scored (config `generators`), each under samples/{row}/: digit (DiGIT
+# GPT + AR stage 2), digit_nar (DiGIT GPT + NAR stage 2), vq (VQ-token GPT), maskgit (MaskGIT over
+# VQ tokens). ROW_SAMPLES: the folder holding each row's token samples (samples.json).
+ROWS = ("digit", "digit_nar", "vq", "maskgit")
+GENERATORS = config["generators"]
+ROW_SAMPLES = {"digit": "digit", "digit_nar": "digit", "vq": "vq", "maskgit": "maskgit"}
 TOKEN_DIRS = {"digit": "tokens", "vq": "vq_tokens"}
 try:  # all of --cores locally; inside a cluster job Snakemake runs with --cores all (the job's CPUs)
     TORCH_THREADS = max(1, workflow.cores)
@@ -79,7 +85,9 @@ def unique(items):
 
 def vq_token_splits():
     """Splits whose VQ tokens some rule reads: both stage-1 trainings, stage 2 and the probes."""
-    return unique([*config["train"]["splits"], *config["stage2"]["train"]["splits"],
+    sections = [name for row, name in (("digit", "stage2"), ("digit_nar", "stage2_nar"), ("maskgit", "maskgit"))
+                if row in GENERATORS]
+    return unique([*config["train"]["splits"], *(s for name in sections for s in config[name]["train"]["splits"]),
                    config["probe"]["train_split"], config["probe"]["test_split"]])
 
 
@@ -87,6 +95,15 @@ def digit_token_splits():
     """Splits that get DiGIT tokens: `tokens.splits`, and every split whose VQ tokens are made
     (vq_tokens reads the DiGIT token sidecar of its shard)."""
     return unique([*config["tokens"]["splits"], *vq_token_splits()])
+
+
+def trained_generators():
+    """Checkpoint folders under checkpoints/ that the configured rows (and probes) need."""
+    names = list(MODELS)
+    names += ["stage2"] if "digit" in GENERATORS else []
+    names += ["stage2_nar"] if "digit_nar" in GENERATORS else []
+    names += ["maskgit"] if "maskgit" in GENERATORS else []
+    return names
 
 
 def sidecars(npy_files):
@@ -106,12 +123,15 @@ def all_targets(wildcards):
     if config["vq"]["train"] is not None:
         targets += [res("vq/vq.pt"), res("vq/vq.json")]
     targets += sidecars([f for split in vq_token_splits() for f in token_files(split, "vq")])
-    for model in (*MODELS, "stage2"):
-        targets += [res(f"checkpoints/{model}/final.pt"), res(f"checkpoints/{model}/train.json")]
+    for name in trained_generators():
+        targets += [res(f"checkpoints/{name}/final.pt"), res(f"checkpoints/{name}/train.json")]
     for model in MODELS:
         targets += [res(f"samples/{model}/{name}") for name in ("tokens.npy", "labels.npy", "samples.json")]
-        targets += [res(f"samples/{model}/{name}") for name in ("images.npz", "grid.png", "images.json")]
-        targets += [res(f"probe/{model}.json"), res(f"eval/{model}.json")]
+        targets += [res(f"probe/{model}.json")]
+    for row in GENERATORS:
+        targets += [res(f"samples/{ROW_SAMPLES[row]}/{name}") for name in ("tokens.npy", "labels.npy", "samples.json")]
+        targets += [res(f"samples/{row}/{name}") for name in ("images.npz", "grid.png", "images.json")]
+        targets += [res(f"eval/{row}.json")]
     targets += [res(f"eval/reference/{name}") for name in ("stats.npz", "features.npy", "reference.json")]
     targets += [res("eval/stability.json"), f"reports/{RUN}/metrics.json", f"reports/{RUN}/report.html"]
     return targets

@@ -25,12 +25,16 @@ rule reference:
         "--shards {input} --out-dir {params.out_dir} 2>&1 | tee {log}"
 
 
+wildcard_constraints:
+    row="|".join(ROWS),
+
+
 rule score:
     input:
-        images=res("samples/{model}/images.npz"),
+        images=res("samples/{row}/images.npz"),
         reference=res("eval/reference/reference.json"),
     output:
-        res("eval/{model}.json"),
+        res("eval/{row}.json"),
     params:
         cfg=settings("score"),
         reference=res("eval/reference"),
@@ -38,7 +42,7 @@ rule score:
     resources:
         gpu=1,
     log:
-        logfile("score_{model}"),
+        logfile("score_{row}"),
     shell:
         "{PY} -m pipeline score --json {params.cfg} --json {RUNTIME[score]} --threads {threads} "
         "--images {input.images} --reference {params.reference} --out {output} 2>&1 | tee {log}"
@@ -66,12 +70,14 @@ rule stability:
 
 
 def report_inputs(wildcards):
-    inputs = {"stability": res("eval/stability.json"), "train_stage2": res("checkpoints/stage2/train.json")}
+    inputs = {"stability": res("eval/stability.json")}
     for model in MODELS:
-        inputs[f"score_{model}"] = res(f"eval/{model}.json")
-        inputs[f"samples_{model}"] = res(f"samples/{model}/samples.json")
         inputs[f"probe_{model}"] = res(f"probe/{model}.json")
-        inputs[f"train_{model}"] = res(f"checkpoints/{model}/train.json")
+    for row in GENERATORS:
+        inputs[f"score_{row}"] = res(f"eval/{row}.json")
+        inputs[f"samples_{row}"] = res(f"samples/{ROW_SAMPLES[row]}/samples.json")
+    for name in trained_generators():
+        inputs[f"train_{name}"] = res(f"checkpoints/{name}/train.json")
     if config["vq"]["train"] is not None:
         inputs["vq"] = res("vq/vq.json")
     if config["encoder"]["train"] is not None:
@@ -82,7 +88,7 @@ def report_inputs(wildcards):
 rule report:
     input:
         unpack(report_inputs),
-        grids=[res(f"samples/{model}/grid.png") for model in MODELS],
+        grids=[res(f"samples/{row}/grid.png") for row in GENERATORS],
     output:
         metrics=report(f"{REPORT_DIR}/metrics.json", caption="../report/metrics.rst",
                        category="Report", labels={"file": "metrics.json"}),

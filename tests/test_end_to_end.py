@@ -81,6 +81,10 @@ def _check_torchrun_through_the_rule(repo, tmp_path, work, res):
     np.testing.assert_allclose(ddp, single, rtol=1e-3)
 
 
+def samples_sha(res):
+    return json.loads((res / "samples" / "digit" / "samples.json").read_text())["checkpoint_sha256"]
+
+
 def _check_pixels_and_report(res, work):
     """Issue 5/6 artifacts of the smoke run: VQ tokens aligned with the DiGIT tokens, stage 2 learnt,
     both sample sets decoded to valid images, metrics.json valid with provenance, report.html."""
@@ -94,7 +98,7 @@ def _check_pixels_and_report(res, work):
     assert np.load(res / "vq_tokens" / "train-000000.npy").shape == (100, 2, 7, 7)
     losses = [json.loads(line)["loss"] for line in (res / "checkpoints" / "stage2" / "metrics.jsonl").open()]
     assert losses[-1] < losses[0], losses            # teacher-forced loss on the VQ part goes down
-    for model in ("digit", "vq"):
+    for model in ("digit", "digit_nar", "vq", "maskgit"):
         with np.load(res / "samples" / model / "images.npz") as z:
             assert z["images"].shape == (20, 28, 28, 3) and z["images"].dtype == np.uint8
             assert z["labels"].tolist() == np.repeat(np.arange(10), 2).tolist()
@@ -104,16 +108,35 @@ def _check_pixels_and_report(res, work):
     metrics = json.loads((work / "reports" / "smoke" / "metrics.json").read_text())
     validate_metrics(metrics)
     ids = {f["id"] for f in metrics["figures"]}
-    assert {"fid/digit", "fid/vq", "precision/digit", "recall/vq", "probe_top1/digit", "probe_top1/vq"} <= ids
+    assert {"fid/digit", "fid/vq", "precision/digit", "recall/vq", "probe_top1/digit", "probe_top1/vq",
+            "fid/digit_nar", "fid/maskgit", "final_loss/stage2_nar", "final_loss/maskgit"} <= ids
     for f in metrics["figures"]:
         assert f["provenance"]["config_hash"] == metrics["config_hash"]
     fid_digit = next(f for f in metrics["figures"] if f["id"] == "fid/digit")
     assert fid_digit["n_samples"] == 20 and fid_digit["provenance"]["reference_stats_sha256"]
     assert fid_digit["provenance"]["stage2_checkpoint_sha256"] and fid_digit["provenance"]["feature_network"]
+    # the NAR row: the same stage-1 samples, another stage 2 (mask-predict, its iterations recorded)
+    by_id = {f["id"]: f for f in metrics["figures"]}
+    nar, ar = by_id["fid/digit_nar"]["provenance"], fid_digit["provenance"]
+    assert nar["checkpoint_sha256"] == ar["checkpoint_sha256"] and nar["stage2_family"] == "maskgit"
+    assert nar["stage2_checkpoint_sha256"] != ar["stage2_checkpoint_sha256"] and ar["stage2_family"] == "gpt"
+    assert nar["sampling"]["stage2"]["iterations"] == 4
+    mg = by_id["fid/maskgit"]["provenance"]
+    assert mg["family"] == "maskgit" and mg["stage2_checkpoint_sha256"] is None and by_id["fid/maskgit"]["n_samples"] == 20
+    assert mg["sampling"]["stage1"]["iterations"] == 4
+    nar_render = json.loads((res / "samples" / "digit_nar" / "images.json").read_text())
+    assert nar_render["samples_checkpoint_sha256"] == samples_sha(res) and "NAR stage 2" in nar_render["route"]
     rows = metrics["tables"]["stability"]["rows"]
     assert {r["tokenizer"] for r in rows} == {"digit", "vq"} and len(rows) == 16
     html = (work / "reports" / "smoke" / "report.html").read_text()
     assert "FID" in html and "data:image/png;base64" in html
+    assert "DiGIT + NAR stage 2" in html and "MaskGIT (VQ tokens)" in html and html.count("N=20") >= 4
+    shown = run_cli("inspect", res / "checkpoints" / "stage2_nar" / "final.pt").stdout
+    assert "family: maskgit" in shown and "mask-predict" in shown and "context grid" in shown
+    shown = run_cli("inspect", res / "samples" / "maskgit").stdout
+    assert "family: maskgit" in shown and "iterations: 4" in shown
+    shown = run_cli("inspect", res / "samples" / "digit_nar").stdout
+    assert "rendered sample folder" in shown and "NAR stage 2" in shown
 
 
 def test_class_conditioning_on_real_tokens(repo, tmp_path, fmnist_dir):

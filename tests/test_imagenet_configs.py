@@ -42,6 +42,12 @@ def test_paper_config_validates(repo, name):
     assert cfg["train"]["label_smoothing"] == 0.1 and cfg["train"]["conditional"]
     assert cfg["sample"]["top_k"] == (200 if base else 400) and cfg["sample"]["n_per_class"] == 50
     assert cfg["stage2"]["sample"]["top_p"] == 0.8
+    nar = cfg["stage2_nar"]       # the paper's "DiGIT (+MaskGIT)": 219M, label smoothing 0.1, 8 iterations
+    assert nar["train"]["preset"] == "base" and nar["train"]["label_smoothing"] == 0.1
+    assert not nar["train"]["conditional"] and nar["train"]["lr"] == 0.0005
+    assert nar["train"]["steps"] * nar["train"]["batch_size"] == 125000 * 1024
+    assert (nar["sample"]["iterations"], nar["sample"]["choice_temperature"]) == (8, 4.5)
+    assert cfg["generators"] == ["digit", "digit_nar", "vq", "maskgit"]
     assert cfg["vq"]["checkpoint"] and cfg["vq"]["train"] is None and cfg["vq"]["preset"] == "mage_vqgan"
     ev = cfg["evaluate"]
     assert ev["reference_split"] == "val" and ev["n_reference"] == 0

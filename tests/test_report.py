@@ -210,3 +210,44 @@ def test_cli_and_overwrite(workdir, monkeypatch, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["report.html"]
     main([str(metrics), "out/report.html"])
     assert out.read_bytes() == first  # deterministic: same input, same bytes
+
+
+def test_every_generator_row_side_by_side_with_n_and_route(workdir):
+    """The four rows of the default DAG (DiGIT + AR / NAR stage 2, VQ GPT, MaskGIT): one headline row
+    and one sample grid each, in that order, with N, what generated them and the checkpoints."""
+    wd, grids = workdir
+    m = _metrics()
+    rows = {"digit": ("gpt", "gpt", None), "digit_nar": ("gpt", "maskgit", 8), "vq": ("gpt", None, None),
+            "maskgit": ("maskgit", None, 8)}
+    for i, (row, (family, stage2, iterations)) in enumerate(rows.items()):
+        if row in ("digit_nar", "maskgit"):
+            grids[row] = _grid_png(wd / f"results/{RUN}/samples/{row}/grid.png", 7 + i)
+            m["artifacts"]["grids"][row] = f"results/{RUN}/samples/{row}/grid.png"
+        sampling = {"stage1": {"top_k": 50, **({"iterations": iterations} if family == "maskgit" else {})},
+                    "stage2": {"iterations": iterations} if stage2 == "maskgit" else {"top_p": 0.8} if stage2 else None}
+        prov = _prov(family=family, stage2_family=stage2, checkpoint_sha256=f"{i}a" * 32,
+                     stage2_checkpoint_sha256=f"{i}b" * 32 if stage2 else None, sampling=sampling)
+        fig = next((f for f in m["figures"] if f["id"] == f"fid/{row}"), None)
+        if fig is None:
+            m["figures"].append({"id": f"fid/{row}", "metric": "fid", "model": row, "value": 100.0 + i,
+                                 "n_samples": 100, "provenance": prov})
+        else:
+            fig["provenance"] = prov
+    html = render_html(_metrics_roundtrip(wd, m), workdir=wd)
+    head = html[html.index('id="headline"'):html.index('id="samples"')]
+    order = [head.index(f"<b>{label}</b>") for label in ("DiGIT", "DiGIT + NAR stage 2", "VQ baseline",
+                                                          "MaskGIT (VQ tokens)")]
+    assert order == sorted(order)
+    assert "101.00<span class=\"n\">N=100</span>" in head and "103.00<span class=\"n\">N=100</span>" in head
+    assert "NAR stage 2: MaskGIT (mask-predict), 8 iterations → VQGAN" in head
+    assert "AR stage 2: GPT (autoregressive) → VQGAN" in head
+    assert "VQ tokens, MaskGIT (mask-predict), 8 iterations" in head and "stage 2 1b1b1b1b1b" in head
+    samples = html[html.index('id="samples"'):html.index('id="training"')]
+    assert samples.index("DiGIT + NAR stage 2") < samples.index("VQ baseline") < samples.index("MaskGIT (VQ tokens)")
+    assert "FID 103.00, N=100" in samples
+    imgs = _png_imgs(html)
+    assert all(grids[row] in imgs for row in rows)
+
+
+def _metrics_roundtrip(workdir: Path, m: dict) -> dict:
+    return json.loads(_write_metrics(workdir, m).read_text())

@@ -98,8 +98,8 @@ RENDER_SECTIONS = {"stage2.sample": "stage2.train", "stage2_nar.sample": "stage2
 
 def run_sample(c, a):
     from .sample import sample_stage
-    sample_stage(a.checkpoint, a.out_dir, section(c, a.section), device=section(c, SAMPLE_SECTIONS[a.section])["device"],
-                 progress=not a.quiet)
+    device = section(c, SAMPLE_SECTIONS[a.section])["device"]
+    sample_stage(a.checkpoint, a.out_dir, section(c, a.section), device=device, progress=not a.quiet)
 
 
 def run_probe(c, a):
@@ -265,9 +265,11 @@ COMMANDS: tuple[Command, ...] = (
              arg("--centroids", required=True), arg("--vq", required=True, help="VQ checkpoint"),
              arg("--out", required=True, help="output .json"))),
     Command("report", "gather every figure into metrics.json and render report.html",
-            "Reads the artifacts named by --input NAME=PATH (score_digit, score_vq, samples_digit, samples_vq, "
-            "probe_digit, probe_vq, train_digit, train_vq, train_stage2, stability, vq, encoder), validates "
-            "metrics.json against pipeline/schemas/metrics.schema.yaml and writes report.html.", run_report,
+            "Reads the artifacts named by --input NAME=PATH: score_ROW and samples_ROW (the stage-1 samples.json) "
+            "for every ROW of the config's generators (digit, digit_nar, vq, maskgit), probe_digit, probe_vq, "
+            "train_NAME (train.json of digit, vq, stage2, stage2_nar, maskgit: those given), stability, vq, "
+            "encoder; validates metrics.json against pipeline/schemas/metrics.schema.yaml and writes "
+            "report.html.", run_report,
             (arg("--input", action="append", required=True, metavar="NAME=PATH"),
              arg("--metrics", required=True, help="output metrics.json"),
              arg("--html", required=True, help="output report.html")), threads=False),

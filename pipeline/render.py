@@ -3,8 +3,9 @@
 DiGIT samples go through a stage 2 with the DiGIT grid as context that draws the VQ grid (the AR
 GPT with top-p, or the NAR mask-predict model with its iterative decoding, as the stage-2
 checkpoint's family says; resumable in parts under ``render/``, seeded per sample on a stream of
-its own) and then the VQGAN decoder; VQ-token samples (VQ GPT, MaskGIT) are decoded directly. Writes ``images.npz`` (uint8 (n, H, W, 3) +
-labels), ``grid.png`` (one row per class) and ``images.json`` (provenance).
+its own) and then the VQGAN decoder; VQ-token samples (VQ GPT, MaskGIT) are decoded directly.
+Writes ``images.npz`` (uint8 (n, H, W, 3) + labels), ``grid.png`` (one row per class) and
+``images.json`` (provenance).
 
 Provenance, checked before any work: the VQ file must match the sha256 its ``.json`` records and
 be the VQ checkpoint that made the VQ tokens the decoded grids' model was trained on (stage 2's,
@@ -77,8 +78,8 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
 
     With ``stage2_checkpoint`` the grids are DiGIT tokens: stage 2 draws the VQ grid of every sample
     with its DiGIT grid as context (the settings of its family from ``render_cfg``: top-p for the AR
-    GPT, iterations for the NAR model), then the VQGAN decodes it. Without, the grids already are VQ tokens (the baseline) and are
-    decoded directly. Writes ``images.npz`` (images (n, H, W, 3) uint8, labels), ``grid.png`` and
+    GPT, iterations for the NAR model), then the VQGAN decodes it. Without, the grids already are
+    VQ tokens (VQ GPT, MaskGIT) and are decoded directly. Writes ``images.npz`` (images (n, H, W, 3) uint8, labels), ``grid.png`` and
     ``images.json`` into ``out_dir`` (default: the sample folder); stage-2 work is resumable in parts
     under ``render/``. ``vq_section``: the config's ``vq`` section (needed for taming checkpoints)."""
 

@@ -23,8 +23,9 @@ processes.
 
 Resuming: a restarted run skips every part whose json holds the same parameter hash (checkpoint
 sha256, EMA or not, the family's sampling settings (temperature, top_k, top_p, cfg_scale, seed;
-iterations and choice_temperature for MaskGIT), sample counts, chunk) and redoes the others. Changing a parameter therefore regenerates everything; changing ``batch_size`` or the device
-does not.
+iterations and choice_temperature for MaskGIT), sample counts, chunk) and redoes the others.
+Changing a parameter therefore regenerates everything; changing ``batch_size`` or the device does
+not.
 
 Several processes: with env ``WORLD_SIZE`` > 1 and ``RANK`` set (e.g. a SLURM array or torchrun,
 no torch.distributed used), rank r produces the parts j with j % WORLD_SIZE == r. Any process that,

@@ -216,7 +216,8 @@ def test_nar_stage2_reconstructs_real_vq_tokens_from_digit_tokens(repo, tmp_path
     model, _ = load_generator(str(tmp_path / "nar" / "final.pt"), ema=False)
 
     def view0(kind, split):
-        return np.concatenate([np.load(f)[:, 0].reshape(len(np.load(f)), -1) for f in files[kind, split]]).astype(np.int64)
+        grids = [np.load(f)[:, 0] for f in files[kind, split]]
+        return np.concatenate([g.reshape(len(g), -1) for g in grids]).astype(np.int64)
 
     train_vq, test_vq, test_ctx = view0("vq_tokens", "train"), view0("vq_tokens", "test"), view0("tokens", "test")
     k = model.config.vocab_size

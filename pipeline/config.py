@@ -1,7 +1,10 @@
 """Load and validate the pipeline configuration against pipeline/schemas/config.schema.yaml.
 
 Both the Snakefile and the command line go through `validate_config`, so a typo in a key or a
-value of the wrong type stops every entry point with the same message naming the key.
+value of the wrong type stops every entry point with the same message naming the key. Beyond the
+schema it rejects settings that would be silently ignored (a tokenizer both trained here and given
+as a checkpoint) and split names the dataset does not have; split keys left out follow
+``dataset.splits`` (``SPLIT_KEYS``).
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jsonschema
 import yaml
@@ -57,17 +60,114 @@ def _fill_defaults(instance: Any, schema: dict) -> None:
             _fill_defaults(instance[key], sub)
 
 
+# Tokenizers that are either trained here (SECTION.train) or loaded (SECTION.checkpoint), with what
+# SECTION.train trains: setting both would silently ignore the checkpoint. (A KL tokenizer: one more row.)
+TRAINED_OR_LOADED: dict[str, str] = {
+    "encoder": "a tiny encoder",
+    "vq": "a VQGAN",
+}
+
+
+def training_split(splits: list[str]) -> str:
+    """The split models train on: ``train`` when the dataset has one, else its first split."""
+    return "train" if "train" in splits else splits[0]
+
+
+EVALUATION_SPLITS = ("test", "val", "validation")   # in this order of preference
+
+
+def evaluation_split(splits: list[str]) -> str:
+    """The held-out split: the first of test, val, validation the dataset has, else its last split."""
+    return next((s for s in EVALUATION_SPLITS if s in splits), splits[-1])
+
+
+# Keys that name dataset splits -> their value when the config leaves them out, from dataset.splits.
+# Without a dataset section (the config fragments stage commands get) they follow the schema's
+# default dataset.splits ([train, test]) and are not checked.
+SPLIT_KEYS: dict[str, Callable[[list[str]], str | list[str]]] = {
+    "kmeans.split": training_split,
+    "tokens.splits": list,
+    "train.splits": lambda splits: [training_split(splits)],
+    "stage2.train.splits": lambda splits: [training_split(splits)],
+    "stage2_nar.train.splits": lambda splits: [training_split(splits)],
+    "maskgit.train.splits": lambda splits: [training_split(splits)],
+    "probe.train_split": training_split,
+    "probe.test_split": evaluation_split,
+    "evaluate.reference_split": evaluation_split,
+}
+
+
+def _has(config: Any, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _node(config: dict, dotted: str) -> tuple[dict, str]:
+    """The mapping that holds ``dotted``'s last key, and that key."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        config = config[part]
+    return config, last
+
+
+def _fill_splits(config: dict, given: set[str], schema: dict) -> None:
+    """Fill in the split keys the user left out (``given``: those the user set), in place."""
+    dataset = config.get("dataset")
+    splits = dataset["splits"] if dataset else schema["properties"]["dataset"]["properties"]["splits"]["default"]
+    for dotted, derive in SPLIT_KEYS.items():
+        if dotted not in given:
+            node, key = _node(config, dotted)
+            node[key] = derive(list(splits))
+
+
+def _split_errors(config: dict) -> list[str]:
+    """Each split key naming a split that dataset.splits does not list (no dataset section: none)."""
+    if "dataset" not in config:
+        return []
+    splits = config["dataset"]["splits"]
+    errors = []
+    for dotted in SPLIT_KEYS:
+        node, key = _node(config, dotted)
+        values = node[key] if isinstance(node[key], list) else [node[key]]
+        errors += [f"config key '{dotted}': '{v}' is not a split of the dataset; dataset.splits has: "
+                   f"{', '.join(splits)}" for v in values if v not in splits]
+    return errors
+
+
+def _precedence_errors(config: dict) -> list[str]:
+    """Each tokenizer section that is both trained here and given as a checkpoint."""
+    errors = []
+    for name, what in TRAINED_OR_LOADED.items():
+        section = config.get(name)
+        if isinstance(section, dict) and section.get("train") is not None and section.get("checkpoint") is not None:
+            errors.append(f"config keys '{name}.train' and '{name}.checkpoint' are both set: {name}.train trains "
+                          f"{what} here and the weights in {name}.checkpoint would never be used; set {name}.train: "
+                          f"null to use the weights, or {name}.checkpoint: null to train")
+    return errors
+
+
 def validate_config(config: dict) -> dict:
-    """Return a validated copy of `config` with defaults filled in; raise ConfigError otherwise."""
+    """Return a validated copy of `config` with defaults filled in; raise ConfigError otherwise.
+    Split keys the config leaves out are derived from ``dataset.splits`` (``SPLIT_KEYS``); the
+    result is a fixed point (validating it again changes nothing)."""
     if not isinstance(config, dict):
         raise ConfigError(f"the configuration must be a mapping, got {type(config).__name__}")
     schema = load_schema()
+    given = {dotted for dotted in SPLIT_KEYS if _has(config, dotted)}
     config = copy.deepcopy(config)
     _fill_defaults(config, schema)
     validator = jsonschema.Draft7Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    _fill_splits(config, given, schema)
+    problems = _precedence_errors(config) + _split_errors(config)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return config
 
 

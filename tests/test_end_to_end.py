@@ -137,6 +137,8 @@ def _check_pixels_and_report(res, work):
     assert "family: maskgit" in shown and "iterations: 4" in shown
     shown = run_cli("inspect", res / "samples" / "digit_nar").stdout
     assert "rendered sample folder" in shown and "NAR stage 2" in shown
+    from test_readme import check_inspect_lines      # the README's inspect examples, on this run
+    assert check_inspect_lines(work, "smoke", "fashion_mnist_smoke") >= 10
 
 
 def test_class_conditioning_on_real_tokens(repo, tmp_path, fmnist_dir):

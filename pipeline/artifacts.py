@@ -1,6 +1,7 @@
 """`python -m pipeline inspect PATH`: summarise any artifact of the pipeline.
 
-Each summariser returns a JSON-able dict; `format_summary` prints it for people. Later stages
+Each summariser returns a JSON-able dict; `format_summary` prints it for people (a list of flat
+rows with the same keys, e.g. the figures of a metrics.json, as an aligned table). Later stages
 register their artifact kinds with `@summariser(predicate, what)`; `supported()` lists the ``what``
 of each (shown in ``inspect --help`` and when a file is not supported). (The module is called
 `artifacts`, not `inspect`, so that it does not shadow the standard library's `inspect`.)
@@ -14,6 +15,7 @@ import collections
 import contextvars
 import io
 import json
+import math
 import sys
 import tarfile
 from pathlib import Path
@@ -72,10 +74,15 @@ def _first_line(exc: Exception) -> str:
 
 
 def format_summary(summary: dict, indent: int = 0) -> str:
+    """The summary for people: one ``key: value`` line each (long values cut at 300 characters),
+    nested mappings indented, and tables (lists of flat rows, ``is_table``) in full, aligned."""
     lines = []
     pad = "  " * indent
     for key, value in summary.items():
-        if isinstance(value, dict) and value and len(json.dumps(value)) > 100:
+        if is_table(value):
+            lines.append(f"{pad}{key}:")
+            lines += [f"{pad}  {line}" for line in table_lines(value)]
+        elif isinstance(value, dict) and value and len(json.dumps(value)) > 100:
             lines.append(f"{pad}{key}:")
             lines.append(format_summary(value, indent + 1))
         else:
@@ -84,6 +91,47 @@ def format_summary(summary: dict, indent: int = 0) -> str:
                 text = text[:297] + "..."
             lines.append(f"{pad}{key}: {text}")
     return "\n".join(lines)
+
+
+def is_table(value) -> bool:
+    """A non-empty list of rows (mappings) with the same keys and plain values only."""
+    return (isinstance(value, list) and bool(value) and all(isinstance(row, dict) for row in value)
+            and all(list(row) == list(value[0]) for row in value)
+            and not any(isinstance(v, (dict, list)) for row in value for v in row.values()))
+
+
+def format_value(value) -> str:
+    """A number for people: a float with 2 decimals from 10 up (an FID: 12.35), else 4 significant
+    digits (0.7771); None is '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4g}"
+    return str(value)
+
+
+def _numeric(column: list) -> bool:
+    values = [v for v in column if v is not None]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _whole(column: list) -> bool:
+    """Numbers that are all whole (a column of counts, seeds, top-k: printed without decimals)."""
+    return _numeric(column) and all(v is None or (math.isfinite(v) and float(v).is_integer()) for v in column)
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """``rows`` as a header line and one line per row: columns aligned, numbers right-aligned, never cut."""
+    keys = list(rows[0])
+    whole = [_whole([row[k] for row in rows]) for k in keys]
+    cells = [[format_value(int(row[k]) if w and row[k] is not None else row[k]) for k, w in zip(keys, whole)]
+             for row in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    right = [_numeric([row[k] for row in rows]) for k in keys]
+
+    def line(texts):
+        return "  ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(texts, widths, right)).rstrip()
+    return [line(keys), *(line(c) for c in cells)]
 
 
 def histogram(values) -> dict:
@@ -324,6 +372,77 @@ def summarise_images(path: Path) -> dict:
         if meta.get("stage2_checkpoint"):
             out["stage2_checkpoint"] = meta["stage2_checkpoint"]
             out["stage2_sampling"] = {k: meta[k] for k in SAMPLING_KEYS if k in meta}
+    return out
+
+
+# ---------------------------------------------------------------- the report's metrics.json
+
+METRICS_FORMAT = "digit-metrics-v1"   # evaluate.METRICS_FORMAT (compared, not imported: evaluate pulls in torch)
+
+
+def _is_metrics(p: Path) -> bool:
+    if not (p.is_file() and p.suffix == ".json"):
+        return False
+    try:
+        content = json.loads(p.read_text())
+    except ValueError:   # the .json summariser names the damage
+        return False
+    return isinstance(content, dict) and content.get("format") == METRICS_FORMAT
+
+
+def read_metrics(path: str | Path) -> dict:
+    """The content of a metrics.json (format digit-metrics-v1); ValueError naming ``path`` otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such artifact: {path}")
+    if not _is_metrics(path):
+        raise ValueError(f"{path}: not a metrics.json of the report (format {METRICS_FORMAT})")
+    return json.loads(path.read_text())
+
+
+def figure_rows(metrics: dict) -> list[dict]:
+    """One row per figure, in the file's order: model, metric, value, N (images it was computed on)."""
+    return [{"model": f["model"], "metric": f["metric"], "value": f["value"], "N": f.get("n_samples")}
+            for f in metrics.get("figures", [])]
+
+
+def figures_markdown(metrics: dict) -> str:
+    """The figures of a metrics.json (its parsed content) as a Markdown table."""
+    def cell(value) -> str:
+        return format_value(value).replace("|", "\\|")
+    lines = ["| model | metric | value | N |", "|---|---|--:|--:|"]
+    lines += [f"| {' | '.join(cell(v) for v in row.values())} |" for row in figure_rows(metrics)]
+    return "\n".join(lines) + "\n"
+
+
+def probe_rows(metrics: dict) -> list[dict]:
+    """Per model: the best layer, its top-1, and the test top-1 of every layer."""
+    probe = metrics.get("tables", {}).get("probe") or {}
+    return [{"model": model, "best_layer": t.get("best_layer"), "best_top1": t.get("best_top1"),
+             "test top-1 by layer": " ".join(format_value(layer.get("test_acc")) for layer in t.get("layers", []))}
+            for model, t in probe.items()]
+
+
+def stability_rows(metrics: dict) -> list[dict]:
+    """Per SNR: the token change rate and the cosine of each tokenizer."""
+    rows = (metrics.get("tables", {}).get("stability") or {}).get("rows") or []
+    tokenizers = list(dict.fromkeys(r["tokenizer"] for r in rows))
+    snrs = list(dict.fromkeys(r["snr_db"] for r in rows))
+    by = {(r["tokenizer"], r["snr_db"]): r for r in rows}
+    return [{"snr_db": int(snr) if float(snr).is_integer() else snr,
+             **{f"change {t}": by.get((t, snr), {}).get("change_rate") for t in tokenizers},
+             **{f"cosine {t}": by.get((t, snr), {}).get("cosine") for t in tokenizers}} for snr in snrs]
+
+
+@summariser(_is_metrics, f"report metrics.json ({METRICS_FORMAT})")
+def summarise_metrics(path: Path) -> dict:
+    m = json.loads(path.read_text())
+    out = {"kind": "report metrics", "run": m.get("run"), "created": m.get("created"),
+           "git_commit": m.get("git_commit"), "git_dirty": m.get("git_dirty"), "config_hash": m.get("config_hash"),
+           "figures": figure_rows(m), "probe": probe_rows(m), "stability": stability_rows(m)}
+    sweep = m.get("tables", {}).get("sweep")
+    if sweep:
+        out["sweep"] = sweep
     return out
 
 

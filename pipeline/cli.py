@@ -50,6 +50,13 @@ OUT_ARG = arg("--out", required=True)
 
 # -- what each command calls (stage modules are imported when their command runs) ----------------------
 
+def run_init(c, a):
+    from .init_config import init_stage
+    init_stage(out=a.out, force=a.force, imagefolder=a.imagefolder, webdataset=a.webdataset,
+               fashion_mnist=a.fashion_mnist, label_key=a.label_key, encoder_weights=a.encoder_weights,
+               encoder_arch=a.encoder_arch, vq_weights=a.vq_weights, vq_preset=a.vq_preset, name=a.name, base=a.base)
+
+
 def run_shards(c, a):
     from .shards import shards_stage
     shards_stage(c, out_root=a.out_root, progress=not a.quiet, verify=a.verify)
@@ -138,7 +145,12 @@ def run_report(c, a):
 
 
 def run_inspect(c, a):
-    from .artifacts import format_summary, summarise
+    from .artifacts import figures_markdown, format_summary, read_metrics, summarise
+    if a.markdown:
+        if a.as_json:
+            raise ValueError("inspect: --markdown and --json exclude each other")
+        print(figures_markdown(read_metrics(a.path)), end="")
+        return
     summary = summarise(a.path, trust=a.trust)
     print(json.dumps(summary, indent=2) if a.as_json else format_summary(summary))
 
@@ -165,6 +177,26 @@ def run_config(c, a):
 # -- the table, in DAG order -------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
+    Command("init", "write a validated config for your own images (and DINOv2 / VQGAN weights)",
+            "Writes a complete config for a dataset: the splits it has (training split: train, else the first; "
+            "evaluation split: the first of test / val / validation, else the last), its class count, model sizes "
+            "from --base, and either the given weights (checked to exist, not loaded) or the tiny encoder and VQGAN "
+            "the DAG trains. Validated before it is written; every top-level section carries a comment.", run_init,
+            (arg("--imagefolder", metavar="PATH", help="ImageFolder: PATH/<split>/<class>/<images>"),
+             arg("--webdataset", metavar="PATH", help="WebDataset tars: PATH/<split>/*.tar"),
+             arg("--fashion-mnist", nargs="?", const="", metavar="PATH",
+                 help="Fashion-MNIST idx files (default: /usr/share/datasets/fashion-mnist)"),
+             arg("--label-key", default="cls", help="webdataset: member extension holding the label (default: cls)"),
+             arg("--encoder-weights", metavar="FILE", help="official DINOv2 .pth (default: train the tiny encoder)"),
+             arg("--encoder-arch", help="arch of --encoder-weights (default: dinov2_vitb14_reg4)"),
+             arg("--vq-weights", metavar="FILE", help="taming-format VQGAN .ckpt (default: train the tiny VQGAN)"),
+             arg("--vq-preset", help="architecture of --vq-weights (default: mage_vqgan)"),
+             arg("--name", help="dataset and run name (default: the dataset folder's name, made safe)"),
+             arg("--base", default="tiny", choices=("tiny", "imagenet_base", "imagenet_large"),
+                 help="model sizes: tiny (configs/default.yaml, CPU demo) or the paper's (configs/imagenet_*.yaml)"),
+             arg("--out", metavar="FILE", help="write here (atomically) instead of printing"),
+             arg("--force", action="store_true", help="overwrite an existing --out file")),
+            config=False, threads=False),
     Command("shards", "image source -> WebDataset shards + manifest.parquet",
             "Read the configured source (Fashion-MNIST idx, ImageFolder, or WebDataset tars) and write "
             "shards/{dataset}/{split}-{i:06d}.tar, manifest.parquet and dataset.json. Up-to-date shards are kept, "
@@ -276,6 +308,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("inspect", "summarise an artifact (shard, manifest, features, tokens, checkpoint, samples, ...)",
             inspect_description(), run_inspect,
             (arg("path"), arg("--json", dest="as_json", action="store_true", help="print JSON instead of text"),
+             arg("--markdown", action="store_true", help="metrics.json only: print its figures as a Markdown table"),
              arg("--trust", action="store_true", help="load a .pt/.pth/.ckpt with weights_only=False, which runs any "
                  "code pickled inside it: only for files from a source you trust")),
             config=False, threads=False),

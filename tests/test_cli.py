@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import cli
 
-DAG_ORDER = ["shards", "train-encoder", "features", "kmeans", "tokens", "train-vq", "vq-tokens", "train",
+DAG_ORDER = ["init", "shards", "train-encoder", "features", "kmeans", "tokens", "train-vq", "vq-tokens", "train",
              "sample", "probe", "render", "reference", "score", "stability", "report", "inspect", "config"]
 
 

@@ -168,8 +168,8 @@ def test_fragment_without_dataset_keeps_static_split_defaults():
 SHIPPED_SPLITS = {   # what the shipped configs resolve to (unchanged by deriving split keys from the dataset)
     "default.yaml": _derived("train", "test", ["train", "test"]),
     "smoke.yaml": _derived("train", "test", ["train", "test"]),
-    "imagenet_base.yaml": {**_derived("train", "val", ["train", "val"])},
-    "imagenet_large.yaml": {**_derived("train", "val", ["train", "val"])},
+    "imagenet_base.yaml": _derived("train", "val", ["train", "val"]),
+    "imagenet_large.yaml": _derived("train", "val", ["train", "val"]),
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, load_schema, validate_config
+from .config import ConfigError, evaluation_split, load_schema, training_split, validate_config
 from .io import write_bytes_atomic
 from .sources import FASHION_MNIST_CLASSES, IMAGE_EXTENSIONS, list_fashion_mnist, tar_members
 
@@ -27,7 +27,6 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASES = {"tiny": "default.yaml", "imagenet_base": "imagenet_base.yaml", "imagenet_large": "imagenet_large.yaml"}
 TINY_BASE = "tiny"
 PAPER_BASE = "imagenet_base"      # where the DINOv2 views and the loaded-VQ section come from
-EVAL_SPLITS = ("test", "val", "validation")
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 WEBDATASET_SCAN_TARS = 2          # tars of the training split read for labels (a lower bound beyond)
 F16_CH_MULT = [1, 1, 2, 2, 4]     # a tiny VQGAN at 256 px with taming's f16 levels: a 16x16 grid
@@ -60,15 +59,15 @@ class DatasetInfo:
 
     @property
     def train_split(self) -> str:
-        return "train" if "train" in self.splits else self.splits[0]
+        return training_split(self.splits)
 
     @property
     def eval_split(self) -> str:
-        return next((s for s in EVAL_SPLITS if s in self.splits), self.splits[-1])
+        return evaluation_split(self.splits)
 
     @property
     def used_splits(self) -> list[str]:
-        """Training split first, evaluation split last (rules take dataset.splits[-1] as held-out)."""
+        """The training split, then the evaluation split."""
         return list(dict.fromkeys([self.train_split, self.eval_split]))
 
 

@@ -124,3 +124,19 @@ def test_rules_all_have_slurm_resources():
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
         rules |= set(re.findall(r"^(?:rule|checkpoint) (\w+):", smk.read_text(), re.M))
     assert rules == set(_profile_rows()), sorted(rules ^ set(_profile_rows()))
+
+
+def test_quoted_config_errors_are_the_real_ones():
+    """The validation messages the README quotes are what validate_config says."""
+    from pipeline.config import ConfigError, validate_config
+
+    cases = [
+        {"dataset": {"name": "d", "source": "fashion_mnist"}, "encoder": {"checkpoint": "w.pth", "train": {}}},
+        {"dataset": {"name": "d", "source": "imagefolder", "splits": ["train", "val"]},
+         "probe": {"test_split": "test"}},
+    ]
+    for config in cases:
+        with pytest.raises(ConfigError) as err:
+            validate_config(config)
+        message = str(err.value).splitlines()[-1].strip()
+        assert f"\n{message}\n" in README, message

@@ -3,11 +3,16 @@
 import json
 import shlex
 
+from pipeline.config import evaluation_split, training_split
 from pipeline.settings import RUNTIME_SETTINGS, output_settings, runtime_settings
 
 PY = shlex.quote(sys.executable)
 DATASET = config["dataset"]["name"]
 RUN = config["run"]
+# the splits the tiny tokenizers train and are tested on (pipeline.config: `train` else the first;
+# the first of test / val / validation else the last)
+TRAIN_SPLIT = training_split(config["dataset"]["splits"])
+EVAL_SPLIT = evaluation_split(config["dataset"]["splits"])
 MODELS = ("digit", "vq")   # stage-1 token kinds: DiGIT tokens (the method) and VQ tokens (the baseline)
 # Rows that are rendered and scored (config `generators`), each under samples/{row}/: digit (DiGIT
 # GPT + AR stage 2), digit_nar (DiGIT GPT + NAR stage 2), vq (VQ-token GPT), maskgit (MaskGIT over

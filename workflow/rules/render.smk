@@ -13,8 +13,8 @@ wildcard_constraints:
 
 rule train_vq:
     input:
-        train=lambda wc: training_shards("vq", "train"),
-        test=lambda wc: training_shards("vq", config["dataset"]["splits"][-1]),
+        train=lambda wc: training_shards("vq", TRAIN_SPLIT),
+        test=lambda wc: training_shards("vq", EVAL_SPLIT),
     output:
         pt=res("vq/vq.pt"),
         meta=res("vq/vq.json"),

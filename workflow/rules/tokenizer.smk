@@ -15,8 +15,8 @@ def kmeans_stores(wildcards):
 
 rule train_encoder:
     input:
-        train=lambda wc: training_shards("encoder", "train"),
-        test=lambda wc: training_shards("encoder", config["dataset"]["splits"][-1]),
+        train=lambda wc: training_shards("encoder", TRAIN_SPLIT),
+        test=lambda wc: training_shards("encoder", EVAL_SPLIT),
     output:
         pt=res("encoder/encoder.pt"),
         meta=res("encoder/encoder.json"),

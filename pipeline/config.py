@@ -97,7 +97,8 @@ SPLIT_KEYS: dict[str, Callable[[list[str]], str | list[str]]] = {
 }
 
 
-def _has(config: Any, dotted: str) -> bool:
+def has_key(config: Any, dotted: str) -> bool:
+    """Whether the nested mapping ``config`` has the dotted key (e.g. ``probe.test_split``)."""
     node = config
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -157,7 +158,7 @@ def validate_config(config: dict) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"the configuration must be a mapping, got {type(config).__name__}")
     schema = load_schema()
-    given = {dotted for dotted in SPLIT_KEYS if _has(config, dotted)}
+    given = {dotted for dotted in SPLIT_KEYS if has_key(config, dotted)}
     config = copy.deepcopy(config)
     _fill_defaults(config, schema)
     validator = jsonschema.Draft7Validator(schema)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import validate_config
+from pipeline.config import has_key, validate_config
 from pipeline.settings import OUTPUT_SETTINGS, RUNTIME_KEYS, output_settings, runtime_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -286,16 +286,7 @@ def test_every_key_is_either_runtime_or_changes_a_result():
     keys = list(leaves(cfg))
     assert runtime <= set(keys)
     for dotted in keys:
-        assert (dotted in runtime) != _in(report, dotted), dotted
-
-
-def _in(tree, dotted):
-    node = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+        assert (dotted in runtime) != has_key(report, dotted), dotted
 
 
 def test_each_stage_gets_a_valid_config():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.models.maskgit import MaskPredictor, decode_schedule
-from pipeline.models.sampling import inverse_cdf, top_k_filter, top_p_filter, uniforms
+from pipeline.models.sampling import inverse_cdf, sample_seeds, seeded_batches, top_k_filter, top_p_filter, uniforms
 
 
 def gumbel(u: torch.Tensor) -> torch.Tensor:
@@ -75,9 +75,7 @@ def mask_predict_sample(model: MaskPredictor, n: int, labels=None, context=None,
     seeds: one int per sample (default 0..n-1); sample i depends only on seeds[i], labels[i],
     context[i] and the settings."""
     device = model.head.weight.device
-    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != n:
-        raise ValueError(f"{len(seeds)} seeds for {n} samples")
+    seeds = sample_seeds(n, seeds)
     if model.config.num_classes > 0:
         labels = torch.full((n,), model.null_class) if labels is None else labels
         labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1).expand(n)
@@ -85,16 +83,5 @@ def mask_predict_sample(model: MaskPredictor, n: int, labels=None, context=None,
         raise ValueError("labels and classifier-free guidance need a class-conditional model")
     if context is not None:
         context = torch.as_tensor(context, dtype=torch.long, device=device).reshape(n, -1)
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
-        for i in range(0, n, batch_size):
-            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[i:i + batch_size]]
-            lab = None if labels is None else labels[i:i + batch_size]
-            ctx = None if context is None else context[i:i + batch_size]
-            out.append(_decode_batch(model, lab, ctx, gens, iterations, temperature, top_k, top_p,
-                                     choice_temperature, cfg_scale))
-        return torch.cat(out) if out else torch.zeros(0, model.config.block_size, dtype=torch.long)
-    finally:
-        model.train(was_training)
+    return seeded_batches(model, seeds, labels, context, batch_size, lambda lab, ctx, gens: _decode_batch(
+        model, lab, ctx, gens, iterations, temperature, top_k, top_p, choice_temperature, cfg_scale))

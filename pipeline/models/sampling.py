@@ -101,6 +101,33 @@ def _sample_batch(model: GPT, labels, generators, temperature, top_k, top_p, cfg
     return x
 
 
+def sample_seeds(n: int, seeds) -> list[int]:
+    """One int seed per sample: ``seeds`` (default 0..n-1), checked to number n."""
+    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} samples")
+    return seeds
+
+
+def seeded_batches(model, seeds: list[int], labels, context, batch_size: int, draw_batch) -> torch.LongTensor:
+    """``draw_batch(labels, context, generators)`` over batches of at most ``batch_size`` samples,
+    sample i with its own generator seeded by ``seeds[i]``, the model in eval mode for the call;
+    the batches' rows concatenated (the samplers of both families share this)."""
+    device = model.head.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for i in range(0, len(seeds), batch_size):
+            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[i:i + batch_size]]
+            lab = None if labels is None else labels[i:i + batch_size]
+            ctx = None if context is None else context[i:i + batch_size]
+            out.append(draw_batch(lab, ctx, gens))
+        return torch.cat(out) if out else torch.zeros(0, model.config.block_size, dtype=torch.long, device=device)
+    finally:
+        model.train(was_training)
+
+
 def sample(model: GPT, n: int, labels=None, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, cfg_scale: float = 1.0, seeds=None, use_cache: bool = True,
            batch_size: int = 64, context=None) -> torch.LongTensor:
@@ -112,9 +139,7 @@ def sample(model: GPT, n: int, labels=None, temperature: float = 1.0, top_k: int
     context: (n, C) context tokens of a stage-2 model (the DiGIT grids), prefilled into the KV cache.
     """
     device = model.head.weight.device
-    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != n:
-        raise ValueError(f"{len(seeds)} seeds for {n} samples")
+    seeds = sample_seeds(n, seeds)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
         if labels.numel() == 1 and n > 1:
@@ -125,15 +150,5 @@ def sample(model: GPT, n: int, labels=None, temperature: float = 1.0, top_k: int
         raise ValueError("classifier-free guidance needs labels")
     if context is not None:
         context = torch.as_tensor(context, dtype=torch.long, device=device).reshape(n, -1)
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
-        for i in range(0, n, batch_size):
-            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[i:i + batch_size]]
-            lab = None if labels is None else labels[i:i + batch_size]
-            ctx = None if context is None else context[i:i + batch_size]
-            out.append(_sample_batch(model, lab, gens, temperature, top_k, top_p, cfg_scale, use_cache, ctx))
-        return torch.cat(out)
-    finally:
-        model.train(was_training)
+    return seeded_batches(model, seeds, labels, context, batch_size, lambda lab, ctx, gens: _sample_batch(
+        model, lab, gens, temperature, top_k, top_p, cfg_scale, use_cache, ctx))

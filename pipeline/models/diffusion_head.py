@@ -274,18 +274,46 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample_loop(self, model, noise: torch.Tensor, temperature: float = 1.0,
-                      generator: Optional[torch.Generator] = None, **model_kwargs) -> torch.Tensor:
-        """Ancestral sampling from ``noise`` over all (respaced) steps; noise x temperature."""
+                      generator: NoiseSource = None, paired: bool = False, **model_kwargs) -> torch.Tensor:
+        """Ancestral sampling from ``noise`` over all (respaced) steps; noise x temperature.
+        ``generator``: one ``torch.Generator`` for all rows, or one per row (``draw_noise``).
+        ``paired``: rows are [cond; uncond] halves (CFG) that share each step's noise, drawn for
+        the first half only (``generator`` then covers the first half)."""
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             mean, log_var, _ = self.model_mean_variance(self.model_call(model, x, t, **model_kwargs), x, t)
             if i > 0:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                if paired:
+                    z = draw_noise((x.shape[0] // 2, *x.shape[1:]), generator, x.device, x.dtype)
+                    z = torch.cat([z, z])
+                else:
+                    z = draw_noise(x.shape, generator, x.device, x.dtype)
                 x = mean + torch.exp(0.5 * log_var) * z * temperature
             else:
                 x = mean
         return x
+
+
+NoiseSource = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def draw_noise(shape, generator: NoiseSource, device, dtype) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (N, C). With a sequence of N generators, row i comes from
+    generator i (runs of rows sharing one generator are drawn in one call, in row order), so a
+    sample's noise does not depend on which other samples share its batch."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} row generators for {shape[0]} rows")
+    parts, start = [], 0
+    while start < shape[0]:
+        g, stop = generator[start], start + 1
+        while stop < shape[0] and generator[stop] is g:
+            stop += 1
+        parts.append(torch.randn((stop - start, *shape[1:]), generator=g, device=g.device, dtype=dtype))
+        start = stop
+    return torch.cat(parts).to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,14 +353,16 @@ class DiffusionLoss(nn.Module):
     forward = loss
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+    def sample(self, z: torch.Tensor, temperature: float = 1.0, generator: NoiseSource = None,
                cfg: float = 1.0) -> torch.Tensor:
-        """(N, z_channels) -> (N, target_channels). ``cfg != 1``: z = [cond; uncond], halves share noise."""
+        """(N, z_channels) -> (N, target_channels). ``cfg != 1``: z = [cond; uncond], halves share
+        noise. ``generator``: one for all rows or one per row (per conditional row under CFG)."""
         if cfg != 1.0:
-            half = torch.randn(z.shape[0] // 2, self.in_channels, generator=generator, device=z.device, dtype=z.dtype)
+            half = draw_noise((z.shape[0] // 2, self.in_channels), generator, z.device, z.dtype)
             noise = torch.cat([half, half])
             fn = lambda x, t, c: self.net.forward_with_cfg(x, t, c, cfg)  # noqa: E731
         else:
-            noise = torch.randn(z.shape[0], self.in_channels, generator=generator, device=z.device, dtype=z.dtype)
+            noise = draw_noise((z.shape[0], self.in_channels), generator, z.device, z.dtype)
             fn = self.net.forward
-        return self.gen_diffusion.p_sample_loop(fn, noise, temperature=temperature, generator=generator, c=z)
+        return self.gen_diffusion.p_sample_loop(fn, noise, temperature=temperature, generator=generator,
+                                                paired=cfg != 1.0, c=z)

@@ -109,11 +109,13 @@ def sample_seeds(n: int, seeds) -> list[int]:
     return seeds
 
 
-def seeded_batches(model, seeds: list[int], labels, context, batch_size: int, draw_batch) -> torch.LongTensor:
+def seeded_batches(model, seeds: list[int], labels, context, batch_size: int, draw_batch,
+                   empty: torch.Tensor | None = None) -> torch.Tensor:
     """``draw_batch(labels, context, generators)`` over batches of at most ``batch_size`` samples,
     sample i with its own generator seeded by ``seeds[i]``, the model in eval mode for the call;
-    the batches' rows concatenated (the samplers of both families share this)."""
-    device = model.head.weight.device
+    the batches' rows concatenated (every family's sampler shares this). ``empty``: what zero
+    samples give (default: no token grids of the model's block size)."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
@@ -123,7 +125,9 @@ def seeded_batches(model, seeds: list[int], labels, context, batch_size: int, dr
             lab = None if labels is None else labels[i:i + batch_size]
             ctx = None if context is None else context[i:i + batch_size]
             out.append(draw_batch(lab, ctx, gens))
-        return torch.cat(out) if out else torch.zeros(0, model.config.block_size, dtype=torch.long, device=device)
+        if out:
+            return torch.cat(out)
+        return empty if empty is not None else torch.zeros(0, model.config.block_size, dtype=torch.long, device=device)
     finally:
         model.train(was_training)
 

@@ -26,6 +26,7 @@ include: "workflow/rules/shards.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/stage1.smk"
 include: "workflow/rules/render.smk"
+include: "workflow/rules/latents.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -245,10 +245,24 @@ def _is_token_shard(p: Path) -> bool:
 def summarise_tokens(path: Path) -> dict:
     grids = np.load(path, mmap_mode="r")
     meta = json.loads(path.with_suffix(".json").read_text())
+    if not np.issubdtype(grids.dtype, np.integer):
+        return summarise_latents(grids, meta)
     return {"kind": "token shard", "shape": list(grids.shape), "layout": meta["layout"], "dtype": str(grids.dtype),
             "images": len(meta["keys"]), "first_keys": meta["keys"][:3], "label_histogram": histogram(meta["labels"]),
             "views": meta["views"], "centroids_sha256": meta.get("centroids_sha256"),
             **codebook_stats(np.asarray(grids), meta.get("codebook_size"))}
+
+
+def summarise_latents(latents: np.ndarray, meta: dict) -> dict:
+    """A KL latent shard (N, V, h, w, 2C): posterior means and log-variances per channel."""
+    c = latents.shape[-1] // 2
+    flat = np.asarray(latents[:, 0], dtype=np.float64).reshape(-1, 2 * c)   # view 0 is enough for a summary
+    return {"kind": "KL latent shard (posterior mean, log-variance)", "shape": list(latents.shape),
+            "layout": meta.get("layout"), "dtype": str(latents.dtype), "images": len(meta["keys"]),
+            "first_keys": meta["keys"][:3], "label_histogram": histogram(meta["labels"]), "views": meta["views"],
+            "latent_scale": meta.get("latent_scale"), "kl_checkpoint_sha256": meta.get("kl_checkpoint_sha256"),
+            "mean_std_per_channel": np.round(flat[:, :c].std(0), 4).tolist(),
+            "posterior_std_mean": round(float(np.exp(0.5 * flat[:, c:]).mean()), 4)}
 
 
 @summariser(lambda p: p.is_file() and p.name == "centroids.npy", "centroids.npy")
@@ -313,13 +327,16 @@ def summarise_checkpoint(path: Path) -> dict:
     return out
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "iterations", "choice_temperature", "seed")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "iterations", "choice_temperature", "num_iter",
+                 "num_sampling_steps", "cfg_schedule", "seed")
 
 
 def generator_text(family: str, mc: dict) -> str:
     """One line on a trained generator: what it is, its size and what it predicts."""
     what = {"gpt": "causal GPT", "maskgit": "mask-predict transformer (MaskGIT, bidirectional)"}.get(family, family)
     grid = "x".join(str(g) for g in mc.get("grid", []))
+    if family in ("mar", "mar_causal"):
+        return latent_generator_text(family, mc, grid)
     ctx = mc.get("context_grid") or [0, 0]
     context = (f" given a {ctx[0]}x{ctx[1]} context grid of {mc.get('context_vocab_size')} codes (stage 2)"
                if ctx[0] * ctx[1] else "")
@@ -328,8 +345,20 @@ def generator_text(family: str, mc: dict) -> str:
             f"codes{context}{cond}")
 
 
+def latent_generator_text(family: str, mc: dict, grid: str) -> str:
+    """generator_text for the MAR families (their configs name sizes differently from the GPT's)."""
+    from .families import family as family_entry
+    desc = family_entry(family).description.split(" (")[0]
+    sizes = ", ".join(f"{k} {v}" for k, v in mc.items() if k not in ("grid", "token_dim", "num_classes")
+                      and isinstance(v, int) and not isinstance(v, bool))
+    cond = f", {mc['num_classes']} classes" if mc.get("num_classes") else ", unconditional"
+    return f"{desc}: {sizes}; {grid} grid of {mc.get('token_dim')}-channel latents{cond}"
+
+
 @summariser(lambda p: p.is_dir() and (p / "samples.json").is_file(), "sample folder with samples.json")
 def summarise_samples(path: Path) -> dict:
+    if (path / "latents.npy").is_file():
+        return summarise_latent_samples(path)
     tokens = np.load(path / "tokens.npy", mmap_mode="r")
     labels = np.load(path / "labels.npy")
     meta = json.loads((path / "samples.json").read_text())
@@ -337,6 +366,23 @@ def summarise_samples(path: Path) -> dict:
            "dtype": str(tokens.dtype), "label_histogram": histogram(labels.tolist()),
            "sampling": {k: v for k, v in meta.items() if k in SAMPLING_KEYS},
            **codebook_stats(np.asarray(tokens), meta.get("vocab_size"))}
+    if (path / "images.npz").is_file():
+        out["images"] = summarise_images(path / "images.npz")
+    return out
+
+
+def summarise_latent_samples(path: Path) -> dict:
+    """A MAR-family sample folder: continuous latents (n, h, w, C) and per-channel statistics."""
+    latents = np.load(path / "latents.npy", mmap_mode="r")
+    labels = np.load(path / "labels.npy")
+    meta = json.loads((path / "samples.json").read_text())
+    flat = np.asarray(latents, dtype=np.float64).reshape(-1, latents.shape[-1])
+    out = {"kind": "sampled KL latents (scaled, as the generator models them)", "family": meta.get("family"),
+           "shape": list(latents.shape), "dtype": str(latents.dtype), "label_histogram": histogram(labels.tolist()),
+           "sampling": {k: v for k, v in meta.items() if k in SAMPLING_KEYS},
+           "channel_mean": np.round(flat.mean(0), 4).tolist() if len(flat) else [],
+           "channel_std": np.round(flat.std(0), 4).tolist() if len(flat) else [],
+           "finite": bool(np.isfinite(flat).all())}
     if (path / "images.npz").is_file():
         out["images"] = summarise_images(path / "images.npz")
     return out

@@ -92,6 +92,16 @@ def run_vq_tokens(c, a):
     vq_tokens_stage(c, a.shard, a.digit_tokens, a.out, vq_path=a.vq, progress=not a.quiet)
 
 
+def run_train_kl(c, a):
+    from .kl import train_kl_stage
+    train_kl_stage(c, a.train, a.test, a.out, progress=not a.quiet)
+
+
+def run_kl_latents(c, a):
+    from .kl import kl_latents_stage
+    kl_latents_stage(c, a.shard, a.digit_tokens, a.out, kl_path=a.kl, progress=not a.quiet)
+
+
 def run_train(c, a):
     from .train import train_stage
     train_stage(c, a.tokens, a.out_dir, context=a.context, max_steps=a.max_steps, progress=not a.quiet,
@@ -99,7 +109,8 @@ def run_train(c, a):
 
 
 # sampling settings section -> the training section whose device sampling uses
-SAMPLE_SECTIONS = {"sample": "train", "maskgit.sample": "maskgit.train"}
+SAMPLE_SECTIONS = {"sample": "train", "maskgit.sample": "maskgit.train", "mar.sample": "mar.train",
+                   "mar_causal.sample": "mar_causal.train"}
 RENDER_SECTIONS = {"stage2.sample": "stage2.train", "stage2_nar.sample": "stage2_nar.train"}
 
 
@@ -119,6 +130,12 @@ def run_render(c, a):
     from .render import render_stage
     render_stage(a.samples, a.vq, a.out_dir, section(c, a.section), stage2_checkpoint=a.stage2,
                  device=section(c, RENDER_SECTIONS[a.section])["device"], progress=not a.quiet, vq_section=c["vq"])
+
+
+def run_render_latents(c, a):
+    from .render import render_latents_stage
+    render_latents_stage(a.samples, a.kl, a.out_dir, batch_size=c["kl"]["batch_size"], device=c["kl"]["device"],
+                         kl_section=c["kl"])
 
 
 def run_reference(c, a):
@@ -242,27 +259,45 @@ COMMANDS: tuple[Command, ...] = (
              arg("--digit-tokens", required=True, help="the shard's DiGIT token .json (crops, keys)"),
              arg("--vq", help="VQ checkpoint (default: vq.checkpoint from the config)"),
              arg("--out", required=True, help="output VQ token grids (.npy); the .json goes next to it"))),
-    Command("train", "train a generator on token shards: a GPT (stage 1, AR stage 2) or MaskGIT (NAR stage 2, "
-                     "baseline)",
-            "Trains the model of the --section settings over token grids with the generic trainer: train (GPT), "
+    Command("train-kl", "train the tiny KL autoencoder (MAR's continuous tokenizer) on the train shards",
+            "Trains the configured KL autoencoder (kl.preset + kl.model) with reconstruction + a small KL term on "
+            "crop-sized views; test PSNR and the latent scale go into the checkpoint and a .json sidecar. Fails "
+            "below kl.train.min_test_psnr. Real runs load MAR's kl16.ckpt (kl.checkpoint) instead.", run_train_kl,
+            (shards_arg("--train", "training shards (.tar)"),
+             shards_arg("--test", "held-out shards (.tar) for the PSNR"),
+             arg("--out", required=True, help="output KL file (.pt)"))),
+    Command("kl-latents", "KL posterior latents of one shard, for the same crops as its DiGIT tokens",
+            "Reads the crops recorded in the DiGIT token shard's .json and writes the posterior mean and "
+            "log-variance (N, V, h, w, 2C) float16 for exactly those views (MAR's cached latents).", run_kl_latents,
+            (arg("--shard", required=True, help="input shard (.tar)"),
+             arg("--digit-tokens", required=True, help="the shard's DiGIT token .json (crops, keys)"),
+             arg("--kl", help="KL checkpoint (default: kl.checkpoint from the config)"),
+             arg("--out", required=True, help="output latents (.npy); the .json goes next to it"))),
+    Command("train", "train a generator: a GPT (stage 1, AR stage 2), MaskGIT (NAR stage 2, baseline) or MAR "
+                     "(masked or causal, over KL latents)",
+            "Trains the model of the --section settings with the generic trainer: train (GPT), "
             "stage2.train (GPT after the DiGIT grid), stage2_nar.train (mask-predict given the DiGIT grid), "
-            "maskgit.train (mask-predict, the MaskGIT baseline). Resumes exactly from OUT_DIR/last.pt when it "
+            "maskgit.train (mask-predict, the MaskGIT baseline), mar.train and mar_causal.train (MAR and its "
+            "causal variant with the diffusion loss, on kl-latents shards). Resumes exactly from OUT_DIR/last.pt when it "
             "exists and the settings match. Under `torchrun --nproc_per_node N -m pipeline train ...` it runs DDP "
             "with the same global batch.", run_train,
-            (shards_arg("--tokens", "token shards (.npy with .json sidecars)"),
+            (shards_arg("--tokens", "token (or KL latent) shards (.npy with .json sidecars)"),
              arg("--context", nargs="+", help="stage 2: the DiGIT token shards of the same images (one per --tokens "
                                               "shard, paired by file name)"),
-             arg("--section", choices=("train", "stage2.train", "stage2_nar.train", "maskgit.train"),
+             arg("--section", choices=("train", "stage2.train", "stage2_nar.train", "maskgit.train", "mar.train",
+                                       "mar_causal.train"),
                  help="settings section (default: train, or stage2.train with --context)"),
              arg("--out-dir", required=True, help="checkpoint folder (last.pt, final.pt, metrics.jsonl/csv)"),
              arg("--max-steps", type=int, help="stop after this many steps in total (resume later)"))),
-    Command("sample", "sample token grids from a trained GPT or MaskGIT model (resumable, seeded per sample)",
-            "Writes OUT_DIR/tokens.npy, labels.npy and samples.json. Sample i is seeded from (seed, i): results do "
-            "not depend on batch size or process count. The checkpoint's family picks the sampler: KV-cache "
-            "autoregression (GPT) or iterative mask-predict decoding (MaskGIT).", run_sample,
+    Command("sample", "sample from a trained generator: token grids (GPT, MaskGIT) or KL latents (MAR)",
+            "Writes OUT_DIR/tokens.npy (latents.npy for MAR), labels.npy and samples.json. Sample i is seeded "
+            "from (seed, i): results do not depend on batch size or process count. The checkpoint's family picks "
+            "the sampler: KV-cache autoregression (GPT), iterative mask-predict decoding (MaskGIT), MAR's cosine "
+            "schedule of random-order steps or its causal variant, each token drawn by the diffusion head.",
+            run_sample,
             (arg("--checkpoint", required=True), arg("--out-dir", required=True),
              arg("--section", choices=tuple(SAMPLE_SECTIONS), default="sample",
-                 help="sampling settings: sample (GPT) or maskgit.sample"))),
+                 help="sampling settings: sample (GPT), maskgit.sample, mar.sample or mar_causal.sample"))),
     Command("probe", "linear probe of every layer of a frozen stage-1 GPT",
             "Mean-pooled hidden states of every layer on train and test tokens, one linear classifier per layer; "
             "top-1 per layer and the best layer.", run_probe,
@@ -279,6 +314,13 @@ COMMANDS: tuple[Command, ...] = (
              arg("--stage2", help="stage-2 checkpoint (DiGIT tokens -> VQ tokens)"),
              arg("--section", choices=tuple(RENDER_SECTIONS), default="stage2.sample",
                  help="stage-2 sampling settings: stage2.sample (AR) or stage2_nar.sample (NAR)"),
+             arg("--out-dir", help="output folder (default: the sample folder)"))),
+    Command("render-latents", "KL latent samples (MAR families) -> images through the KL decoder",
+            "Divides latents.npy by the latent scale the generator was trained with and decodes it with the KL "
+            "autoencoder that made its training latents (checked by sha256). Writes images.npz, grid.png and "
+            "images.json.", run_render_latents,
+            (arg("--samples", required=True, help="sample folder (latents.npy, labels.npy, samples.json)"),
+             arg("--kl", required=True, help="KL checkpoint that decodes"),
              arg("--out-dir", help="output folder (default: the sample folder)"))),
     Command("reference", "Inception features + statistics of the real reference images (FID, P/R)",
             "View-0 crops of the first evaluate.n_reference images of the given shards -> OUT_DIR/stats.npz (mu, "

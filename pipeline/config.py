@@ -61,10 +61,11 @@ def _fill_defaults(instance: Any, schema: dict) -> None:
 
 
 # Tokenizers that are either trained here (SECTION.train) or loaded (SECTION.checkpoint), with what
-# SECTION.train trains: setting both would silently ignore the checkpoint. (A KL tokenizer: one more row.)
+# SECTION.train trains: setting both would silently ignore the checkpoint.
 TRAINED_OR_LOADED: dict[str, str] = {
     "encoder": "a tiny encoder",
     "vq": "a VQGAN",
+    "kl": "a KL autoencoder",
 }
 
 
@@ -91,6 +92,8 @@ SPLIT_KEYS: dict[str, Callable[[list[str]], str | list[str]]] = {
     "stage2.train.splits": lambda splits: [training_split(splits)],
     "stage2_nar.train.splits": lambda splits: [training_split(splits)],
     "maskgit.train.splits": lambda splits: [training_split(splits)],
+    "mar.train.splits": lambda splits: [training_split(splits)],
+    "mar_causal.train.splits": lambda splits: [training_split(splits)],
     "probe.train_split": training_split,
     "probe.test_split": evaluation_split,
     "evaluate.reference_split": evaluation_split,

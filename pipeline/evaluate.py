@@ -157,12 +157,12 @@ def _figure(fid_: str, metric: str, model: str, value, base: dict, n=None, **pro
 
 
 # rows of the generation table (config `generators`), in this order
-ROWS = ("digit", "digit_nar", "vq", "maskgit")
+ROWS = ("digit", "digit_nar", "vq", "maskgit", "mar", "mar_causal")
 # what each row is: the stage-1 generator's family, and the stage 2 that renders it (None: decoded directly)
 ROW_MODELS = {"digit": ("gpt", "gpt"), "digit_nar": ("gpt", "maskgit"), "vq": ("gpt", None),
-              "maskgit": ("maskgit", None)}
+              "maskgit": ("maskgit", None), "mar": ("mar", None), "mar_causal": ("mar_causal", None)}
 # checkpoint folders whose training summaries give a final loss
-TRAINED = ("digit", "vq", "stage2", "stage2_nar", "maskgit")
+TRAINED = ("digit", "vq", "stage2", "stage2_nar", "maskgit", "mar", "mar_causal")
 STAGE2_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "iterations", "choice_temperature")
 
 
@@ -172,12 +172,15 @@ def _generation_figures(model: str, score: dict, samples: dict, base: dict) -> l
             "checkpoint_sha256": samples.get("checkpoint_sha256"),
             "stage2_checkpoint_sha256": render.get("stage2_checkpoint_sha256"),
             "vq_checkpoint_sha256": render.get("vq_checkpoint_sha256"),
+            "kl_checkpoint_sha256": render.get("kl_checkpoint_sha256"),
             "samples_sha256": score["images_sha256"],
             "reference_stats_sha256": score["reference_stats_sha256"],
             "feature_network": score["feature_network"],
             "sampling": {"stage1": {k: samples.get(k) for k in ("temperature", "top_k", "top_p", "cfg_scale",
                                                                   "iterations", "choice_temperature",
-                                                                  "n_per_class", "n") if k in samples},
+                                                                  "num_iter", "num_sampling_steps",
+                                                                  "cfg_schedule", "n_per_class", "n")
+                                    if k in samples},
                          "stage2": {k: render.get(k) for k in STAGE2_SAMPLING_KEYS if k in render}
                          if render.get("stage2_checkpoint_sha256") else None},
             "seeds": {"stage1": samples.get("seed"), "stage1_rule": samples.get("seed_rule"),
@@ -205,6 +208,10 @@ def _tokenizer_figures(inputs: dict, base: dict) -> list[dict]:
         v = read_json(inputs["vq"])
         figures.append(_figure("vq_psnr/tokenizer", "vq_psnr", "tokenizer", v.get("test_psnr"), base,
                                v.get("test_images"), vq_checkpoint_sha256=v.get("sha256"), source=inputs["vq"]))
+    if inputs.get("kl"):
+        k = read_json(inputs["kl"])
+        figures.append(_figure("kl_psnr/tokenizer", "kl_psnr", "tokenizer", k.get("test_psnr"), base,
+                               k.get("test_images"), kl_checkpoint_sha256=k.get("sha256"), source=inputs["kl"]))
     if inputs.get("encoder"):
         e = read_json(inputs["encoder"])
         figures.append(_figure("encoder_accuracy/tokenizer", "encoder_accuracy", "tokenizer",
@@ -233,8 +240,8 @@ def metrics_stage(config: dict, inputs: dict, out_json: str) -> dict:
     """Gather every figure of the run into metrics.json. ``inputs`` maps names to artifact paths:
     score_{row} and samples_{row} (the stage-1 samples.json) for every row of ``generators``,
     probe_{model} for model in digit/vq, train_{name} (train.json) for the trained generators
-    (digit, vq, stage2, stage2_nar, maskgit: those given), stability, and optionally vq (vq.json) and
-    encoder (encoder.json)."""
+    (digit, vq, stage2, stage2_nar, maskgit, mar, mar_causal: those given), stability, and optionally
+    vq (vq.json), kl (kl.json) and encoder (encoder.json)."""
     commit, dirty = git_commit()
     chash = config_hash(config)
     base = {"config_hash": chash, "git_commit": commit}

@@ -4,6 +4,10 @@ A checkpoint written by the trainer records its ``family`` and a JSON-able ``mod
 table turns the pair back into a module, so every stage that loads a trained generator (sampling,
 rendering, the probe) goes through one function, ``checkpoints.load_generator``. A new family adds
 one entry here, one model file in ``models/`` and one objective in ``objectives.py``.
+
+Two kinds of output: token families (GPT, MaskGIT) draw integer grids that a VQ decoder (or a
+stage 2) turns into pixels; latent families (MAR, its causal variant) draw continuous KL latents
+(n, L, C) in the scaled space they were trained in, which the KL decoder renders.
 """
 from __future__ import annotations
 
@@ -46,6 +50,45 @@ def draw_mask_predict(model: MaskPredictor, n: int, *, labels, context, seeds, c
 
 
 AR_SAMPLE_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "seed")
+LATENT_SAMPLE_KEYS = ("num_sampling_steps", "temperature", "cfg_scale", "cfg_schedule", "seed")
+
+
+def use_sampling_steps(model: nn.Module, steps: int) -> None:
+    """Respace the diffusion head's sampling chain to ``steps`` reverse steps (MAR's
+    ``num_sampling_steps``): a sampling setting, not part of the trained weights."""
+    from .models.diffusion_head import TRAINING_STEPS, GaussianDiffusion, cosine_betas, space_timesteps
+    model.diffloss.gen_diffusion = GaussianDiffusion.respaced(cosine_betas(TRAINING_STEPS),
+                                                              space_timesteps(TRAINING_STEPS, str(int(steps))))
+
+
+def draw_mar(model: nn.Module, n: int, *, labels, context, seeds, cfg: dict, batch_size: int):
+    from .models.mar import mar_sample
+    use_sampling_steps(model, cfg["num_sampling_steps"])
+    return mar_sample(model, n, labels=labels, seeds=seeds, batch_size=batch_size, num_iter=int(cfg["num_iter"]),
+                      cfg_scale=float(cfg["cfg_scale"]), cfg_schedule=cfg["cfg_schedule"],
+                      temperature=float(cfg["temperature"]))
+
+
+def draw_mar_causal(model: nn.Module, n: int, *, labels, context, seeds, cfg: dict, batch_size: int):
+    from .models.mar_causal import mar_causal_sample
+    use_sampling_steps(model, cfg["num_sampling_steps"])
+    return mar_causal_sample(model, n, labels=labels, seeds=seeds, batch_size=batch_size,
+                             cfg_scale=float(cfg["cfg_scale"]), cfg_schedule=cfg["cfg_schedule"],
+                             temperature=float(cfg["temperature"]))
+
+
+def build_mar(mc: dict) -> nn.Module:
+    from .models.mar import MAR, MARConfig
+    return MAR(MARConfig.from_dict(mc))
+
+
+def build_mar_causal(mc: dict) -> nn.Module:
+    from .models.mar_causal import MARCausal, MARCausalConfig
+    return MARCausal(MARCausalConfig.from_dict(mc))
+
+
+def latent_config_dict(model: nn.Module) -> dict:
+    return model.config.to_dict()
 
 
 @dataclass(frozen=True)
@@ -54,8 +97,9 @@ class Family:
     description: str
     build: Callable[[dict], nn.Module]        # saved model_config -> module
     config_dict: Callable[[nn.Module], dict]  # module -> JSON-able model_config
-    draw: Callable[..., "torch.Tensor"]       # (model, n, *, labels, context, seeds, cfg, batch_size) -> (n, T)
+    draw: Callable[..., "torch.Tensor"]       # (model, n, *, labels, context, seeds, cfg, batch_size) -> (n, T[, C])
     sample_keys: tuple[str, ...]              # sampling settings that decide the drawn tokens
+    output: str = "tokens"                    # "tokens" (integer grids) or "latents" (continuous, KL-decoded)
 
 
 FAMILIES: dict[str, Family] = {
@@ -65,6 +109,12 @@ FAMILIES: dict[str, Family] = {
                                  "DiGIT's NAR stage 2 with a context grid)",
                       lambda mc: MaskPredictor(gpt_config(mc)), gpt_config_dict, draw_mask_predict,
                       AR_SAMPLE_KEYS + ("iterations", "choice_temperature")),
+    "mar": Family("mar", "masked autoregressive transformer over continuous latents, random order, diffusion-loss "
+                         "head (MAR)", build_mar, latent_config_dict, draw_mar, LATENT_SAMPLE_KEYS + ("num_iter",),
+                  "latents"),
+    "mar_causal": Family("mar_causal", "causal transformer over continuous latents, raster order, diffusion-loss "
+                                       "head (MAR's AR variant)", build_mar_causal, latent_config_dict,
+                         draw_mar_causal, LATENT_SAMPLE_KEYS, "latents"),
 }
 
 

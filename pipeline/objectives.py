@@ -47,3 +47,18 @@ class MaskedTokenCE:
         inputs = x.masked_fill(masked, self.mask_code)
         logits = model(inputs, batch["labels"] if self.conditional else None, batch.get("context"))
         return F.cross_entropy(logits[masked].float(), x[masked], label_smoothing=self.label_smoothing)
+
+
+@dataclass(frozen=True)
+class LatentDiffusionLoss:
+    """MAR's diffusion loss over continuous tokens, as MAR trains from cached latents: ``tokens``
+    holds each token's KL posterior [mean, log-variance] (B, L, 2C); a latent is sampled from it
+    (torch RNG), multiplied by ``latent_scale`` and given to the model, whose forward draws its own
+    masks / orders / timesteps and returns the loss (``models/mar.py``, ``models/mar_causal.py``)."""
+    latent_scale: float
+    conditional: bool = False
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mean, logvar = batch["tokens"].float().chunk(2, dim=-1)
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * self.latent_scale
+        return model(latents, batch["labels"] if self.conditional else None)

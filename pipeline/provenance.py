@@ -6,7 +6,7 @@ Every mismatch raises ValueError with one message format (`require_same`):
 
 What identifies a tokenizer in a token shard's `.json` sidecar (`shard_tokenizer`): the centroids'
 sha256 and the encoder (arch, weights sha256, block index, image size) for DiGIT tokens, the VQ
-checkpoint's sha256 for VQ tokens. A record that is absent (hand-made shards or checkpoints in
+checkpoint's sha256 for VQ tokens, the KL checkpoint's sha256 and the latent scale for KL latents. A record that is absent (hand-made shards or checkpoints in
 tests, files written before a key existed) is not compared: only what two sides both record is.
 
 Who checks what: tokens and stability (centroids vs centroids.json, encoder vs the one the
@@ -24,7 +24,7 @@ import numpy as np
 from .io import file_sha256, read_json
 from .models.patch_encoder import encoder_info
 
-TOKENIZER_KEYS = ("centroids_sha256", "vq_checkpoint_sha256")
+TOKENIZER_KEYS = ("centroids_sha256", "vq_checkpoint_sha256", "kl_checkpoint_sha256", "latent_scale")
 # what identifies the encoder a feature or token came from (models/patch_encoder.EncoderInfo fields)
 ENCODER_KEYS = ("arch", "weights_sha256", "block_index", "img_size", "pos_embed_interpolation")
 

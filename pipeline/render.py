@@ -1,4 +1,5 @@
-"""Render stage: sampled token grids -> pixels (DiGIT step 6, or the VQ-token generators).
+"""Render stage: sampled token grids -> pixels (DiGIT step 6, or the VQ-token generators), and
+sampled KL latents -> pixels (the MAR families, ``render_latents_stage``).
 
 DiGIT samples go through a stage 2 with the DiGIT grid as context that draws the VQ grid (the AR
 GPT with top-p, or the NAR mask-predict model with its iterative decoding, as the stage-2
@@ -152,6 +153,51 @@ def render_stage(samples_dir: str, vq_checkpoint: str, out_dir: str | None = Non
     write_images(out, images, labels)
     meta.update(shape=list(images.shape), dtype="uint8", seconds=round(time.time() - t_start, 3),
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_json_atomic(out / "images.json", meta)
+    print(f"[render] {len(images)} images {images.shape[1]}x{images.shape[2]} -> {out}/images.npz", file=sys.stderr)
+    return meta
+
+
+def render_latents_stage(samples_dir: str, kl_checkpoint: str, out_dir: str | None = None, *, batch_size: int = 64,
+                         device: str = "auto", kl_section: dict | None = None) -> dict:
+    """Decode the KL latents of a MAR-family sample folder (``latents.npy``, in the generator's scaled
+    space) into images: divided by the latent scale the generator's training shards recorded, then
+    through the KL decoder. The KL file must match its recorded sha256, be the one that made those
+    shards, and have the same latent scale. Writes images.npz, grid.png and images.json."""
+    from .kl import decode_latents, load_configured_kl, load_kl
+
+    t_start = time.time()
+    dev = resolve_device(device)
+    src = Path(samples_dir)
+    out = Path(out_dir) if out_dir else src
+    latents = np.load(src / "latents.npy")
+    labels = np.load(src / "labels.npy")
+    src_meta = json.loads((src / "samples.json").read_text())
+    require_recorded_sha256(kl_checkpoint, "the KL checkpoint was replaced or half-written; rerun the train-kl stage")
+    kl_model, kl_meta = load_configured_kl(kl_section, kl_checkpoint)[:2] if kl_section else load_kl(kl_checkpoint)
+    kl_sha = file_sha256(kl_checkpoint)
+    record = record_from_json(src_meta.get("tokenizer"))
+    hint = (f"the model whose samples these are ({src_meta.get('checkpoint')}) was trained on latents of another KL "
+            f"checkpoint; decode with that one")
+    if "kl_checkpoint_sha256" in record:
+        require_same("sha256", kl_checkpoint, kl_sha, *record["kl_checkpoint_sha256"], hint)
+    if "latent_scale" not in record:
+        raise ValueError(f"{src / 'samples.json'} records no latent_scale for its latents: sample again from a "
+                         f"model trained on kl-latents shards")
+    scale_file, scale = record["latent_scale"]
+    if kl_meta.get("latent_scale") is not None:
+        require_same("latent_scale", kl_checkpoint, kl_meta["latent_scale"], scale_file, scale, hint)
+    if latents.shape[1:3] != (kl_model.grid_size,) * 2 or latents.shape[3] != kl_model.latent_channels:
+        raise ValueError(f"{src}/latents.npy holds {latents.shape[1:]} latents, but {kl_checkpoint} decodes "
+                         f"{kl_model.grid_size}x{kl_model.grid_size}x{kl_model.latent_channels}")
+    images = decode_latents(kl_model.to(dev).eval(), latents / float(scale), batch_size=batch_size, device=dev)
+    write_images(out, images, labels)
+    meta = {"stage": "render", "samples": str(src), "samples_checkpoint_sha256": src_meta.get("checkpoint_sha256"),
+            "route": f"KL latents ({src_meta.get('family')}) / latent_scale {scale} -> KL decoder",
+            "kl_checkpoint": str(kl_checkpoint), "kl_checkpoint_sha256": kl_sha, "latent_scale": float(scale),
+            "n": int(len(latents)), "num_classes": src_meta.get("num_classes"), "device": str(dev),
+            "shape": list(images.shape), "dtype": "uint8", "seconds": round(time.time() - t_start, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json_atomic(out / "images.json", meta)
     print(f"[render] {len(images)} images {images.shape[1]}x{images.shape[2]} -> {out}/images.npz", file=sys.stderr)
     return meta

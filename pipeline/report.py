@@ -126,8 +126,10 @@ def _header(m: Mapping) -> str:
             f"<nav>{nav}</nav></header>\n")
 
 
-ROW_ORDER = ("digit", "digit_nar", "vq", "maskgit")
-FAMILY_TEXT = {"gpt": "GPT (autoregressive)", "maskgit": "MaskGIT (mask-predict)"}
+ROW_ORDER = ("digit", "digit_nar", "vq", "maskgit", "mar", "mar_causal")
+FAMILY_TEXT = {"gpt": "GPT (autoregressive)", "maskgit": "MaskGIT (mask-predict)",
+               "mar": "MAR (masked, random order, diffusion head)",
+               "mar_causal": "MAR causal (raster order, diffusion head)"}
 
 
 def _models(figures: Sequence[Mapping], metrics: Iterable[str]) -> list[str]:
@@ -142,6 +144,10 @@ def _sampler_text(family: str | None, sampling: Mapping | None) -> str:
     text = FAMILY_TEXT.get(family or "gpt", str(family))
     if isinstance(sampling, Mapping) and sampling.get("iterations") is not None:
         text += f", {sampling['iterations']} iterations"
+    if isinstance(sampling, Mapping) and sampling.get("num_iter") is not None and family == "mar":
+        text += f", {sampling['num_iter']} steps"
+    if isinstance(sampling, Mapping) and sampling.get("num_sampling_steps") is not None:
+        text += f", {sampling['num_sampling_steps']} diffusion steps"
     return text
 
 
@@ -150,13 +156,14 @@ def _route(f: Mapping) -> list[str]:
     generator, how its tokens become pixels, and the checkpoints (sha256 prefixes)."""
     p = f.get("provenance") or {}
     sampling = p.get("sampling") or {}
-    tokens = "DiGIT" if p.get("stage2_checkpoint_sha256") else "VQ"
-    stage1 = f"{tokens} tokens, {_sampler_text(p.get('family'), sampling.get('stage1'))}"
+    latents = p.get("family") in ("mar", "mar_causal")
+    tokens = "KL latents" if latents else ("DiGIT tokens" if p.get("stage2_checkpoint_sha256") else "VQ tokens")
+    stage1 = f"{tokens}, {_sampler_text(p.get('family'), sampling.get('stage1'))}"
     if p.get("stage2_checkpoint_sha256"):
         kind = "NAR" if p.get("stage2_family") == "maskgit" else "AR"
         pixels = f"{kind} stage 2: {_sampler_text(p.get('stage2_family'), sampling.get('stage2'))} → VQGAN"
     else:
-        pixels = "VQGAN decoder"
+        pixels = "KL decoder" if latents else "VQGAN decoder"
     shas = [("stage 1", p.get("checkpoint_sha256")), ("stage 2", p.get("stage2_checkpoint_sha256"))]
     ck = " ".join(f'<code title="{esc(v)}">{name} {esc(str(v)[:10])}</code>' for name, v in shas if v)
     return [esc(stage1), esc(pixels), ck or '<span class="na">—</span>']

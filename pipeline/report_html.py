@@ -15,11 +15,12 @@ from typing import Any, Iterable, Mapping, Sequence
 from .io import read_json
 
 LABELS = {"digit": "DiGIT", "digit_nar": "DiGIT + NAR stage 2", "vq": "VQ baseline",
-          "maskgit": "MaskGIT (VQ tokens)", "stage2": "Stage 2 (DiGIT → VQ)",
+          "maskgit": "MaskGIT (VQ tokens)", "mar": "MAR (KL latents)", "mar_causal": "MAR causal (KL latents)",
+          "stage2": "Stage 2 (DiGIT → VQ)",
           "stage2_nar": "NAR stage 2 (DiGIT → VQ)", "tokenizer": "VQ tokenizer", "encoder": "Encoder"}
 COLORS = {"digit": "#1f6fb4", "vq": "#d1495b", "stage2": "#2e9e5b", "digit_nar": "#6a3d9a", "maskgit": "#e08214",
-          "stage2_nar": "#66a61e"}
-FALLBACK_COLORS = ["#8c564b", "#9467bd", "#7f7f7f", "#bcbd22", "#17becf"]
+          "stage2_nar": "#66a61e", "mar": "#17becf", "mar_causal": "#8c564b"}
+FALLBACK_COLORS = ["#9467bd", "#7f7f7f", "#bcbd22", "#e377c2", "#393b79"]
 NOT_AVAILABLE = "not available"
 
 

@@ -1,17 +1,22 @@
-"""Sample stage: draw token grids from a trained generator (DiGIT step 8, the 50k samples for FID/IS):
-the stage-1 GPT (autoregressive, KV cache) or a MaskGIT model (iterative mask-predict decoding), as
-the checkpoint's ``family`` says (``families.FAMILIES``). ``render.py`` turns them into pixels.
+"""Sample stage: draw samples from a trained generator (DiGIT step 8, the 50k samples for FID/IS):
+token grids from the stage-1 GPT (autoregressive, KV cache) or a MaskGIT model (iterative
+mask-predict decoding), continuous KL latents from MAR (masked, random order) or its causal
+variant, as the checkpoint's ``family`` says (``families.FAMILIES``). ``render.py`` turns them
+into pixels.
 
 Layout of ``out_dir``::
 
-    parts/part-{j:05d}.npy    tokens (m, h, w) uint16 of samples [j*chunk, j*chunk + m)
+    parts/part-{j:05d}.npy    tokens (m, h, w) uint16 of samples [j*chunk, j*chunk + m), or
+                              latents (m, h, w, C) float32 (latent families, in the scaled space
+                              the generator was trained in)
     parts/part-{j:05d}.json   labels of the part, its range and the hash of every parameter that
                               decides its contents; written last, so it marks the part finished
-    tokens.npy                (n_total, h, w) uint16, all parts in order
+    tokens.npy                (n_total, h, w) uint16, all parts in order (latents.npy for latents)
     labels.npy                (n_total,) int64, -1 for an unconditional model
     samples.json              checkpoint + sha256, every sampling parameter, seed rule, timings,
                               and ``tokenizer``: what the model's token shards record (centroids /
-                              VQ checkpoint sha256, encoder), which rendering checks
+                              VQ / KL checkpoint sha256, encoder, latent scale), which rendering
+                              checks
 
 Which samples: a class-conditional model gets exactly ``n_per_class`` samples of each class
 0..C-1 in class-major order (labels 0,0,..,1,1,..); an unconditional model gets ``n`` samples.
@@ -23,7 +28,8 @@ processes.
 
 Resuming: a restarted run skips every part whose json holds the same parameter hash (checkpoint
 sha256, EMA or not, the family's sampling settings (temperature, top_k, top_p, cfg_scale, seed;
-iterations and choice_temperature for MaskGIT), sample counts, chunk) and redoes the others.
+iterations and choice_temperature for MaskGIT; num_iter, num_sampling_steps and cfg_schedule for
+MAR), sample counts, chunk) and redoes the others.
 Changing a parameter therefore regenerates everything; changing ``batch_size`` or the device does
 not.
 
@@ -52,6 +58,7 @@ from .families import family
 from .io import write_json_atomic, write_npy_atomic
 from .provenance import model_tokenizer, record_to_json
 
+SAMPLE_FILES = {"tokens": "tokens.npy", "latents": "latents.npy"}   # by the family's output kind
 SEED_STRIDE = 1_000_003
 SEED_RULE = f"sample i uses torch.Generator seeded with seed * {SEED_STRIDE} + i"
 
@@ -165,7 +172,7 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
     keys = sampling_keys(fam.name, sample_cfg, str(checkpoint))
     ckpt_sha = ckpt_meta["sha256"]
     c = model.config
-    if c.context_len:
+    if getattr(c, "context_len", 0):
         raise ValueError(f"{checkpoint} is a stage-2 model (it needs a context grid): render with it instead")
     h, w = c.grid
     labels = plan_labels(c.num_classes, sample_cfg)
@@ -176,7 +183,8 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
     cfg_scale = float(sample_cfg["cfg_scale"])
     if c.num_classes == 0 and cfg_scale != 1.0:
         raise ValueError("cfg_scale != 1 needs a class-conditional model")
-    if c.vocab_size > np.iinfo(np.uint16).max + 1:
+    latents = fam.output == "latents"
+    if not latents and c.vocab_size > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"vocab {c.vocab_size} does not fit uint16 tokens")
 
     params = {k: sample_cfg[k] for k in keys}
@@ -185,10 +193,12 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
 
     def make_part(start: int, stop: int) -> np.ndarray:
         lab = labels[start:stop]
-        toks = fam.draw(model, stop - start, labels=None if c.num_classes == 0 else torch.from_numpy(lab),
-                        context=None, seeds=[sample_seed(sample_cfg["seed"], i) for i in range(start, stop)],
-                        cfg=params, batch_size=int(sample_cfg["batch_size"]))
-        return toks.cpu().numpy().astype(np.uint16).reshape(-1, h, w)
+        drawn = fam.draw(model, stop - start, labels=None if c.num_classes == 0 else torch.from_numpy(lab),
+                         context=None, seeds=[sample_seed(sample_cfg["seed"], i) for i in range(start, stop)],
+                         cfg=params, batch_size=int(sample_cfg["batch_size"]))
+        if latents:   # (m, L, C) float, in the generator's scaled latent space
+            return drawn.float().cpu().numpy().reshape(-1, h, w, c.token_dim)
+        return drawn.cpu().numpy().astype(np.uint16).reshape(-1, h, w)
 
     run = run_parts(out, labels, chunk, params_hash(params), make_part, progress=progress,
                     desc=f"sample {Path(out_dir).name}")
@@ -196,8 +206,7 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
         return run
     phash, n_parts, world = run["params_hash"], run["parts"], run["world_size"]
     made, t_sampling = run["made_samples"], run["seconds"]
-    tokens = gather_parts(out, labels, chunk)
-    write_npy_atomic(out / "tokens.npy", tokens)
+    write_npy_atomic(out / SAMPLE_FILES[fam.output], gather_parts(out, labels, chunk))
     write_npy_atomic(out / "labels.npy", labels)
     meta = {
         "stage": "sample", "family": fam.name, "checkpoint": str(checkpoint), "checkpoint_sha256": ckpt_sha,
@@ -205,7 +214,8 @@ def sample_stage(checkpoint: str, out_dir: str, sample_cfg: dict, *, device: str
         "model_config": ckpt_meta.get("model_config"), "sample_cfg": dict(sample_cfg),
         **{k: sample_cfg[k] for k in keys}, "batch_size": int(sample_cfg["batch_size"]),
         "chunk": chunk, "n": n_total, "n_per_class": int(sample_cfg["n_per_class"]) if c.num_classes else None,
-        "num_classes": c.num_classes, "grid": [h, w], "vocab_size": c.vocab_size,
+        "num_classes": c.num_classes, "grid": [h, w], "output": SAMPLE_FILES[fam.output],
+        **({"token_dim": c.token_dim} if latents else {"vocab_size": c.vocab_size}),
         "labels_rule": "class-major, n_per_class per class" if c.num_classes else "unconditional: -1",
         "seed_rule": SEED_RULE, "params_hash": phash, "parts": n_parts, "world_size": world,
         "tokenizer": record_to_json(model_tokenizer(ckpt_meta.get("token_files"))),

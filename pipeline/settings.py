@@ -25,14 +25,19 @@ RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
     "encoder": ("batch_size", "num_workers", "device"),
     "kmeans": ("device",),
     "vq": ("batch_size", "device"),
+    "kl": ("batch_size", "device"),
     "train": ("device", "processes"),
     "stage2.train": ("device", "processes"),
     "stage2_nar.train": ("device", "processes"),
     "maskgit.train": ("device", "processes"),
+    "mar.train": ("device", "processes"),
+    "mar_causal.train": ("device", "processes"),
     "sample": ("batch_size", "chunk"),           # sample i is seeded from (seed, i): no batch/part effect
     "stage2.sample": ("batch_size", "chunk"),
     "stage2_nar.sample": ("batch_size", "chunk"),
     "maskgit.sample": ("batch_size", "chunk"),
+    "mar.sample": ("batch_size", "chunk"),
+    "mar_causal.sample": ("batch_size", "chunk"),
     "evaluate": ("batch_size", "device"),
 }
 VIEW_KEYS = ("resize", "crop", "image_size", "mean", "std")   # how views are cut from an image
@@ -87,6 +92,12 @@ def vq_model(c: dict) -> dict:
     return {**pick(c, "vq", "preset", "model"), **({"checkpoint": vq["checkpoint"]} if vq["train"] is None else {})}
 
 
+def kl_model(c: dict) -> dict:
+    """The KL autoencoder as the stages that load it read it (``load_configured_kl``), like ``vq_model``."""
+    kl = c["kl"]
+    return {**pick(c, "kl", "preset", "model"), **({"checkpoint": kl["checkpoint"]} if kl["train"] is None else {})}
+
+
 def strip_runtime(c: dict) -> dict:
     """The whole config without any runtime key."""
     out = copy.deepcopy(c)
@@ -124,6 +135,14 @@ OUTPUT_SETTINGS: dict[str, Callable[[dict], dict]] = {
     "train-maskgit": lambda c: nested("maskgit.train", without_runtime(c, "maskgit.train")),
     "sample": lambda c: {"sample": without_runtime(c, "sample")},
     "sample-maskgit": lambda c: nested("maskgit.sample", without_runtime(c, "maskgit.sample")),
+    "train-kl": lambda c: {"kl": {**pick(c, "kl", "preset", "model"), "train": c["kl"]["train"]},
+                           "encoder": view_settings(c)},
+    "kl-latents": lambda c: {"kl": kl_model(c), "encoder": view_settings(c)},
+    "train-mar": lambda c: nested("mar.train", without_runtime(c, "mar.train")),
+    "train-mar-causal": lambda c: nested("mar_causal.train", without_runtime(c, "mar_causal.train")),
+    "sample-mar": lambda c: nested("mar.sample", without_runtime(c, "mar.sample")),
+    "sample-mar-causal": lambda c: nested("mar_causal.sample", without_runtime(c, "mar_causal.sample")),
+    "render-latents": lambda c: {"kl": kl_model(c)},
     "probe": lambda c: {"probe": c["probe"]},
     "render": lambda c: {**nested("stage2.sample", without_runtime(c, "stage2.sample")), "vq": vq_model(c)},
     "render-nar": lambda c: {**nested("stage2_nar.sample", pick(c, "stage2_nar.sample", *NAR_RENDER_KEYS)),
@@ -171,6 +190,13 @@ RUNTIME_SETTINGS: dict[str, Callable[[dict], dict]] = {
     "train-maskgit": _runtime("maskgit.train"),
     "sample": _both(_runtime("sample"), _device("train")),
     "sample-maskgit": _both(_runtime("maskgit.sample"), _device("maskgit.train")),
+    "train-kl": lambda c: {},
+    "kl-latents": _runtime("kl"),
+    "train-mar": _runtime("mar.train"),
+    "train-mar-causal": _runtime("mar_causal.train"),
+    "sample-mar": _both(_runtime("mar.sample"), _device("mar.train")),
+    "sample-mar-causal": _both(_runtime("mar_causal.sample"), _device("mar_causal.train")),
+    "render-latents": _runtime("kl"),
     "probe": _device("train"),
     "render": _both(_runtime("stage2.sample"), _device("stage2.train")),
     "render-nar": _both(_runtime("stage2_nar.sample"), _device("stage2_nar.train")),

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from . import checkpoints, trainer
 from .config import ConfigError
-from .families import gpt_config_dict
+from .families import FAMILIES, gpt_config_dict
 from .models.gpt import GPT, GPTConfig
 from .models.maskgit import MaskPredictor
-from .objectives import MaskedTokenCE, NextTokenCE
+from .objectives import LatentDiffusionLoss, MaskedTokenCE, NextTokenCE
 from .provenance import read_sidecar, shard_tokenizer, token_files_tokenizer
 from .token_data import TokenDataset
 
@@ -53,7 +55,9 @@ def check_one_tokenizer(token_files: list[str], context_files: list[str] | None)
 
 # section -> (family, whether it takes a DiGIT context grid)
 TRAIN_SECTIONS = {"train": ("gpt", False), "stage2.train": ("gpt", True),
-                  "stage2_nar.train": ("maskgit", True), "maskgit.train": ("maskgit", False)}
+                  "stage2_nar.train": ("maskgit", True), "maskgit.train": ("maskgit", False),
+                  "mar.train": ("mar", False), "mar_causal.train": ("mar_causal", False)}
+LATENT_FAMILIES = ("mar", "mar_causal")
 
 
 def model_and_objective(family: str, config: GPTConfig, cfg: dict, conditional: bool):
@@ -86,6 +90,51 @@ def token_model_job(cfg: dict, token_files: list[str], context_files: list[str] 
     return build
 
 
+def latent_config(family: str, preset: str, overrides: dict):
+    """The model config of a latent family: ``preset`` with ``overrides``; a ConfigError naming an
+    unknown override key."""
+    if family == "mar":
+        from .models.mar import MARConfig as config_class
+    else:
+        from .models.mar_causal import MARCausalConfig as config_class
+    try:
+        return config_class.preset(preset, **overrides)
+    except TypeError as e:   # an unknown field in {section}.model
+        raise ConfigError(f"{family}.train.model: {e}") from e
+
+
+def latent_scale(data: TokenDataset) -> float:
+    """The factor the latents are multiplied by before the generator (MAR: 0.2325 for kl16), as
+    the KL latent shards record it (training has checked they agree)."""
+    scales = {m.get("latent_scale") for m in data.shards.metas}
+    if len(scales) != 1 or None in scales:
+        raise ValueError(f"latent shards record latent_scale {sorted(map(str, scales))}: need one value "
+                         f"(shards written by the kl-latents stage record it)")
+    return float(scales.pop())
+
+
+def latent_model_job(cfg: dict, latent_files: list[str], family: str):
+    """``build_job`` for the trainer: a MAR-family model over KL latent shards (N, V, h, w, 2C: the
+    posterior mean and log-variance), sized to them, and the diffusion loss."""
+    def build(device) -> trainer.TrainJob:
+        data = TokenDataset(latent_files, seed=int(cfg["seed"]))
+        sample = data.shards.arrays[0]
+        if np.issubdtype(sample.dtype, np.integer) or sample.ndim != 5:
+            raise ValueError(f"{latent_files[0]}: holds token grids, not KL latents; {family}.train trains on "
+                             f"the kl-latents stage's shards")
+        num_classes = data.num_classes if cfg["conditional"] else 0
+        overrides = {**cfg.get("model", {}), "grid": data.grid, "token_dim": sample.shape[-1] // 2,
+                     "num_classes": num_classes, "label_drop_prob": float(cfg["class_dropout"])}
+        config = latent_config(family, cfg["preset"], overrides)
+        model = FAMILIES[family].build(config.to_dict()).to(device)
+        scale = latent_scale(data)
+        return trainer.TrainJob(
+            family=family, model=model, model_config=config.to_dict(),
+            objective=LatentDiffusionLoss(scale, bool(num_classes)), data=data, inputs=input_ids(latent_files),
+            tokens_per_sample=data.grid[0] * data.grid[1], summary={"stage": "latent", "latent_scale": scale})
+    return build
+
+
 def train_stage1(train_cfg: dict, token_files: list[str], out_dir: str, *, max_steps: int | None = None,
                  progress: bool = True, context_files: list[str] | None = None, family: str = "gpt") -> dict:
     """Train (or resume) a ``family`` model; returns the summary also written to
@@ -93,7 +142,10 @@ def train_stage1(train_cfg: dict, token_files: list[str], out_dir: str, *, max_s
     token_files = [str(f) for f in token_files]
     context_files = [str(f) for f in context_files] if context_files else None
     check_one_tokenizer(token_files, context_files)
-    build = token_model_job(checkpoints.normalise_cfg(train_cfg), token_files, context_files, family)
+    if family in LATENT_FAMILIES:
+        build = latent_model_job(checkpoints.normalise_cfg(train_cfg), token_files, family)
+    else:
+        build = token_model_job(checkpoints.normalise_cfg(train_cfg), token_files, context_files, family)
     desc = ("stage2" if context_files else "stage1") + ("" if family == "gpt" else f" {family}")
     return trainer.train(train_cfg, out_dir, build, max_steps=max_steps, progress=progress, desc=desc)
 

@@ -44,7 +44,7 @@ from .io import file_sha256, remove_stale_temps, write_json_atomic
 from .token_data import mix
 from .training_log import MetricsLog, read_last_loss
 
-SCHEDULES = ("cosine", "inverse_sqrt")
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 # dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
              "A10G": 70e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
@@ -78,7 +78,8 @@ def lr_at(step: int, cfg: dict) -> float:
 
     cosine: linear warmup to ``lr`` over ``warmup_steps``, then cosine to ``min_lr`` at ``steps``.
     inverse_sqrt (fairseq, DiGIT's configs): linear from ``warmup_init_lr`` to ``lr`` over
-    ``warmup_steps``, then ``lr * sqrt(warmup_steps / step)`` (``min_lr`` is not used)."""
+    ``warmup_steps``, then ``lr * sqrt(warmup_steps / step)`` (``min_lr`` is not used).
+    constant (MAR's ``lr_schedule constant``): linear warmup to ``lr``, then ``lr``."""
     lr, warm = float(cfg["lr"]), int(cfg["warmup_steps"])
     kind = cfg.get("schedule", "cosine")
     if kind == "inverse_sqrt":
@@ -88,6 +89,8 @@ def lr_at(step: int, cfg: dict) -> float:
         if step < warm:
             return init + (lr - init) * step / warm
         return lr * math.sqrt(warm / step)
+    if kind == "constant":
+        return lr * (step + 1) / warm if step < warm else lr
     if kind != "cosine":
         raise ValueError(f"unknown train.schedule {kind!r}; choose from {', '.join(SCHEDULES)}")
     min_lr, total = float(cfg["min_lr"]), int(cfg["steps"])

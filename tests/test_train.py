@@ -221,6 +221,14 @@ def test_inverse_sqrt_schedule_values():
         lr_at(0, dict(c, schedule="linear"))
 
 
+def test_constant_schedule_values():
+    """MAR's constant schedule: linear warmup to lr, then lr until the end (min_lr not used)."""
+    c = cfg(schedule="constant", lr=8e-4, min_lr=1e-6, warmup_steps=100, steps=1000)
+    assert lr_at(0, c) == pytest.approx(8e-6)
+    assert lr_at(49, c) == pytest.approx(4e-4)
+    assert [lr_at(s, c) for s in (99, 100, 500, 999, 5000)] == [pytest.approx(8e-4)] * 5
+
+
 def test_inverse_sqrt_resume_and_logged_lr(tokens, tmp_path):
     c = cfg(schedule="inverse_sqrt", warmup_init_lr=1e-5, warmup_steps=3, lr=3e-3, checkpoint_every=3)
     a, b = tmp_path / "a", tmp_path / "b"

@@ -16,11 +16,15 @@ EVAL_SPLIT = evaluation_split(config["dataset"]["splits"])
 MODELS = ("digit", "vq")   # stage-1 token kinds: DiGIT tokens (the method) and VQ tokens (the baseline)
 # Rows that are rendered and scored (config `generators`), each under samples/{row}/: digit (DiGIT
 # GPT + AR stage 2), digit_nar (DiGIT GPT + NAR stage 2), vq (VQ-token GPT), maskgit (MaskGIT over
-# VQ tokens). ROW_SAMPLES: the folder holding each row's token samples (samples.json).
-ROWS = ("digit", "digit_nar", "vq", "maskgit")
+# VQ tokens), mar and mar_causal (MAR and its causal variant over KL latents). ROW_SAMPLES: the
+# folder holding each row's samples (samples.json); ROW_OUTPUT: the file with the drawn samples.
+ROWS = ("digit", "digit_nar", "vq", "maskgit", "mar", "mar_causal")
 GENERATORS = config["generators"]
-ROW_SAMPLES = {"digit": "digit", "digit_nar": "digit", "vq": "vq", "maskgit": "maskgit"}
-TOKEN_DIRS = {"digit": "tokens", "vq": "vq_tokens"}
+ROW_SAMPLES = {"digit": "digit", "digit_nar": "digit", "vq": "vq", "maskgit": "maskgit", "mar": "mar",
+               "mar_causal": "mar_causal"}
+LATENT_ROWS = ("mar", "mar_causal")
+ROW_OUTPUT = {row: "latents.npy" if row in LATENT_ROWS else "tokens.npy" for row in ROWS}
+TOKEN_DIRS = {"digit": "tokens", "vq": "vq_tokens", "kl": "kl_latents"}
 try:  # all of --cores locally; inside a cluster job Snakemake runs with --cores all (the job's CPUs)
     TORCH_THREADS = max(1, workflow.cores)
 except WorkflowError:  # the submitting process of a cluster run has no --cores: the profile sets CPUs
@@ -77,6 +81,10 @@ def vq_file():
     return trained_or_given("vq", "vq/vq.pt", "VQGAN", "a local taming-format VQGAN (MAGE's VQGAN for the paper)")
 
 
+def kl_file():
+    return trained_or_given("kl", "kl/kl.pt", "KL autoencoder", "MAR's local kl16.ckpt")
+
+
 def training_shards(section, split):
     """Shards a tiny tokenizer trains on: the first `{section}.train.max_shards` of the split."""
     tars = shard_paths(split)
@@ -96,10 +104,19 @@ def vq_token_splits():
                    config["probe"]["train_split"], config["probe"]["test_split"]])
 
 
+def latent_rows():
+    return [row for row in LATENT_ROWS if row in GENERATORS]
+
+
+def kl_latent_splits():
+    """Splits whose KL latents the configured MAR rows train on."""
+    return unique([s for row in latent_rows() for s in config[row]["train"]["splits"]])
+
+
 def digit_token_splits():
-    """Splits that get DiGIT tokens: `tokens.splits`, and every split whose VQ tokens are made
-    (vq_tokens reads the DiGIT token sidecar of its shard)."""
-    return unique([*config["tokens"]["splits"], *vq_token_splits()])
+    """Splits that get DiGIT tokens: `tokens.splits`, and every split whose VQ tokens or KL latents
+    are made (both read the DiGIT token sidecar of their shard: the crops)."""
+    return unique([*config["tokens"]["splits"], *vq_token_splits(), *kl_latent_splits()])
 
 
 def trained_generators():
@@ -108,7 +125,7 @@ def trained_generators():
     names += ["stage2"] if "digit" in GENERATORS else []
     names += ["stage2_nar"] if "digit_nar" in GENERATORS else []
     names += ["maskgit"] if "maskgit" in GENERATORS else []
-    return names
+    return names + latent_rows()
 
 
 def sidecars(npy_files):
@@ -128,13 +145,17 @@ def all_targets(wildcards):
     if config["vq"]["train"] is not None:
         targets += [res("vq/vq.pt"), res("vq/vq.json")]
     targets += sidecars([f for split in vq_token_splits() for f in token_files(split, "vq")])
+    if latent_rows() and config["kl"]["train"] is not None:
+        targets += [res("kl/kl.pt"), res("kl/kl.json")]
+    targets += sidecars([f for split in kl_latent_splits() for f in token_files(split, "kl")])
     for name in trained_generators():
         targets += [res(f"checkpoints/{name}/final.pt"), res(f"checkpoints/{name}/train.json")]
     for model in MODELS:
         targets += [res(f"samples/{model}/{name}") for name in ("tokens.npy", "labels.npy", "samples.json")]
         targets += [res(f"probe/{model}.json")]
     for row in GENERATORS:
-        targets += [res(f"samples/{ROW_SAMPLES[row]}/{name}") for name in ("tokens.npy", "labels.npy", "samples.json")]
+        targets += [res(f"samples/{ROW_SAMPLES[row]}/{name}")
+                    for name in (ROW_OUTPUT[row], "labels.npy", "samples.json")]
         targets += [res(f"samples/{row}/{name}") for name in ("images.npz", "grid.png", "images.json")]
         targets += [res(f"eval/{row}.json")]
     targets += [res(f"eval/reference/{name}") for name in ("stats.npz", "features.npy", "reference.json")]

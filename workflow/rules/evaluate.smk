@@ -80,6 +80,8 @@ def report_inputs(wildcards):
         inputs[f"train_{name}"] = res(f"checkpoints/{name}/train.json")
     if config["vq"]["train"] is not None:
         inputs["vq"] = res("vq/vq.json")
+    if latent_rows() and config["kl"]["train"] is not None:
+        inputs["kl"] = res("kl/kl.json")
     if config["encoder"]["train"] is not None:
         inputs["encoder"] = res("encoder/encoder.json")
     return inputs

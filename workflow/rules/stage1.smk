@@ -20,7 +20,8 @@ TRAIN = config["train"]
 # so neither `processes` nor --cores reruns a training. Threads per process: max(1, threads // N).
 PROCESSES = {"train": TRAIN["processes"], "stage2": config["stage2"]["train"]["processes"],
              "stage2_nar": config["stage2_nar"]["train"]["processes"],
-             "maskgit": config["maskgit"]["train"]["processes"]}
+             "maskgit": config["maskgit"]["train"]["processes"],
+             "mar": config["mar"]["train"]["processes"], "mar_causal": config["mar_causal"]["train"]["processes"]}
 LAUNCH = {name: launcher(n) for name, n in PROCESSES.items()}
 
 

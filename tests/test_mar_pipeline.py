@@ -1,0 +1,113 @@
+"""The MAR families in the pipeline: the diffusion-loss objective on KL latent shards, training
+through the generic trainer (exact resume), sampling (per-sample seeds), KL rendering and its
+provenance checks. The models themselves are tested in test_mar.py / test_mar_causal.py."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError, validate_config
+from pipeline.objectives import LatentDiffusionLoss
+from pipeline.sources import fashion_mnist_split
+from pipeline.tokens import write_token_shard
+
+SCALE = 0.75
+SECTIONS = {"mar": {"preset": "tiny", "model": {"encoder_depth": 1, "decoder_depth": 1, "head_depth": 2}},
+            "mar_causal": {"preset": "tiny", "model": {"n_layer": 2, "head_depth": 2}}}
+
+
+def latent_shard(out: Path, images: np.ndarray, labels: np.ndarray, name: str) -> str:
+    """A KL-latent-format shard (N, 1, 7, 7, 2C) made from real images: the means are 4x4-pooled
+    pixels through a fixed 1 -> 4 channel map (class-dependent, like real latents), log-variance -3."""
+    pooled = images.reshape(len(images), 7, 4, 7, 4).mean(axis=(2, 4)) / 127.5 - 1.0
+    mix = np.array([1.0, -0.5, 0.25, 2.0])
+    mean = pooled[..., None] * mix
+    logvar = np.full_like(mean, -3.0)
+    arr = np.concatenate([mean, logvar], axis=-1)[:, None].astype(np.float16)
+    path = out / f"{name}.npy"
+    write_token_shard(path, arr, {"stage": "kl_latents", "shard": name, "seconds": 0.0, "grid": [7, 7],
+                                  "codebook_size": None, "labels": labels.tolist(),
+                                  "keys": [f"{name}-{i}" for i in range(len(labels))], "views": 1,
+                                  "latent_scale": SCALE, "kl_checkpoint_sha256": "0" * 64})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, fmnist_dir):
+    images, labels = fashion_mnist_split(fmnist_dir, "train")
+    out = tmp_path_factory.mktemp("latents")
+    return [latent_shard(out, images[i * 300:(i + 1) * 300], labels[i * 300:(i + 1) * 300], f"train-{i:06d}")
+            for i in range(2)]
+
+
+def config(family: str, **train) -> dict:
+    base = {"steps": 8, "batch_size": 16, "lr": 0.002, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 4,
+            "class_dropout": 0.1, "device": "cpu", **SECTIONS[family], **train}
+    return validate_config({family: {"train": base}})
+
+
+def test_objective_samples_the_posterior_and_scales_it():
+    """The model sees (mean + exp(logvar / 2) * eps) * latent_scale, eps from the torch RNG."""
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, labels):
+            seen["x"], seen["labels"] = x, labels
+            return x.sum()
+
+    mean, logvar = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    batch = {"tokens": torch.cat([mean, logvar], -1), "labels": torch.tensor([1, 2, 3])}
+    torch.manual_seed(7)
+    LatentDiffusionLoss(0.2325, conditional=True).loss(Recorder(), batch)
+    torch.manual_seed(7)
+    expected = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.2325
+    torch.testing.assert_close(seen["x"], expected)
+    assert seen["labels"].tolist() == [1, 2, 3]
+    LatentDiffusionLoss(1.0, conditional=False).loss(Recorder(), batch)
+    assert seen["labels"] is None
+
+
+@pytest.mark.parametrize("family", ["mar", "mar_causal"])
+def test_training_resumes_exactly(family, shards, tmp_path):
+    """Stopped at step 3 and resumed: the same weights, EMA and losses as an uninterrupted run."""
+    from pipeline.train import train_stage
+    c = config(family, ema=0.9)
+    section = f"{family}.train"
+    whole = train_stage(c, shards, str(tmp_path / "whole"), section=section, progress=False)
+    train_stage(c, shards, str(tmp_path / "split"), section=section, progress=False, max_steps=3)
+    split = train_stage(c, shards, str(tmp_path / "split"), section=section, progress=False)
+    assert split["final_loss"] == whole["final_loss"]
+    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "final.pt", weights_only=True)
+    assert a["family"] == b["family"] == family
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    logs = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)] for d in ("whole", "split")]
+    assert logs[0] and logs[0][-len(logs[1]):] == logs[1][-len(logs[0]):]
+
+
+def test_model_sized_to_the_shards_and_unknown_model_key_named(shards, tmp_path):
+    from pipeline.checkpoints import load_generator
+    from pipeline.train import train_stage
+    train_stage(config("mar", steps=2), shards, str(tmp_path / "m"), section="mar.train", progress=False)
+    model, meta = load_generator(str(tmp_path / "m" / "final.pt"))
+    assert meta["family"] == "mar"
+    assert tuple(model.config.grid) == (7, 7) and model.config.token_dim == 4 and model.config.num_classes == 10
+    with pytest.raises(ConfigError, match="mar.train.model: .*no_such_field"):
+        train_stage(config("mar", model={"no_such_field": 3}), shards, str(tmp_path / "bad"), section="mar.train",
+                    progress=False)
+
+
+def test_token_shards_are_refused(tmp_path):
+    from pipeline.train import train_stage
+    grids = np.zeros((4, 1, 7, 7), dtype=np.uint16)
+    path = tmp_path / "train-000000.npy"
+    write_token_shard(path, grids, {"stage": "tokens", "shard": "x", "seconds": 0.0, "grid": [7, 7],
+                                    "codebook_size": 8, "labels": [0, 1, 2, 3], "keys": list("abcd"), "views": 1})
+    with pytest.raises(ValueError, match="holds token grids, not KL latents; mar.train trains on the kl-latents"):
+        train_stage(config("mar"), [str(path)], str(tmp_path / "m"), section="mar.train", progress=False)

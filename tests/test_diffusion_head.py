@@ -16,6 +16,15 @@ from pipeline.models.diffusion_head import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These heads are tiny: one thread is faster than two fighting other work for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_cosine_betas_closed_form():
     betas = cosine_betas(1000)
     assert betas.shape == (1000,)

@@ -18,7 +18,8 @@ The diffusion (``diffusion/`` there, IDDPM's code via DiT): cosine schedule over
 (``betas_for_alpha_bar`` with ``max_beta=0.999``), epsilon prediction, learned-range variance,
 loss = MSE(eps) + variational-bound term (the eps part detached; decoder NLL at t = 0, in bits);
 sampling with the schedule respaced to ``num_sampling_steps`` (``space_timesteps``) and the sampling
-noise multiplied by ``temperature``.
+noise multiplied by ``temperature``. The schedules are plain float64 CPU tensors (explicitly, so a
+model built under ``torch.device("meta")`` to load weights into still has real ones).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 # MAR's diffusion-loss head presets: name -> (width, depth)
 DIFFLOSS_PRESETS = {"B": (1024, 6), "L": (1280, 8), "H": (1536, 12)}
@@ -61,7 +63,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_timestep_embedding(t, self.frequency_dim))
+        return self.mlp(sinusoidal_timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
 
 class AdaLNResBlock(nn.Module):
@@ -92,8 +94,9 @@ class SimpleMLPAdaLN(nn.Module):
     """MAR's denoising MLP: ``forward(x_t, t, c) -> (N, out_channels)``."""
 
     def __init__(self, in_channels: int, model_channels: int, out_channels: int, z_channels: int,
-                 num_res_blocks: int):
+                 num_res_blocks: int, grad_checkpointing: bool = False):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
@@ -121,8 +124,9 @@ class SimpleMLPAdaLN(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         h = self.input_proj(x)
         y = self.time_embed(t) + self.cond_embed(c)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.res_blocks:
-            h = block(h, y)
+            h = checkpoint(block, h, y, use_reentrant=False) if recompute else block(h, y)
         return self.final_layer(h, y)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -142,7 +146,7 @@ class SimpleMLPAdaLN(nn.Module):
 def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> torch.Tensor:
     """beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta), float64."""
     return torch.tensor([min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
-                         for i in range(num_steps)], dtype=torch.float64)
+                         for i in range(num_steps)], dtype=torch.float64, device="cpu")
 
 
 def cosine_alpha_bar(u: float) -> float:
@@ -205,10 +209,11 @@ class GaussianDiffusion:
         b = betas.double()
         self.betas = b
         self.num_timesteps = len(b)
-        self.timestep_map = torch.tensor(list(timestep_map) if timestep_map is not None else range(len(b)))
+        self.timestep_map = torch.tensor(list(timestep_map) if timestep_map is not None else range(len(b)),
+                                         device=b.device)
         alphas = 1.0 - b
         self.alphas_cumprod = torch.cumprod(alphas, 0)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.alphas_cumprod_prev = torch.cat([b.new_ones(1), self.alphas_cumprod[:-1]])
         ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
         self.sqrt_alphas_cumprod = ab.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - ab).sqrt()
@@ -227,7 +232,7 @@ class GaussianDiffusion:
         ab = torch.cumprod(1.0 - base_betas.double(), 0)
         keep = sorted(use_timesteps)
         kept_ab = ab[keep]
-        prev = torch.cat([torch.ones(1, dtype=torch.float64), kept_ab[:-1]])
+        prev = torch.cat([kept_ab.new_ones(1), kept_ab[:-1]])
         return cls(1.0 - kept_ab / prev, timestep_map=keep)
 
     @staticmethod
@@ -324,11 +329,13 @@ class DiffusionLoss(nn.Module):
     """MAR's DiffLoss: ``loss(target, z)`` for training, ``sample(z, temperature)`` for generation."""
 
     def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
-                 num_sampling_steps: Union[str, int] = "100", diffusion_batch_mul: int = 4):
+                 num_sampling_steps: Union[str, int] = "100", diffusion_batch_mul: int = 4,
+                 grad_checkpointing: bool = False):
         super().__init__()
         self.in_channels = target_channels
         self.diffusion_batch_mul = diffusion_batch_mul
-        self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth)
+        self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth,
+                                  grad_checkpointing=grad_checkpointing)
         base = cosine_betas(TRAINING_STEPS)
         self.train_diffusion = GaussianDiffusion(base)
         self.gen_diffusion = GaussianDiffusion.respaced(base, space_timesteps(TRAINING_STEPS, num_sampling_steps))

@@ -101,6 +101,20 @@ def _sample_batch(model: GPT, labels, generators, temperature, top_k, top_p, cfg
     return x
 
 
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def cfg_scale_at(cfg_scale: float, schedule: str, done: int, total: int) -> float:
+    """The guidance scale of a step after which ``done`` of ``total`` tokens are known (LTH14/mar ``models/mar.py:312-318``):
+    ``"linear"``: 1 + (cfg_scale - 1) * done / total; ``"constant"``: cfg_scale.
+    (MAR passes done = L - ``masked_after_steps``[s], i.e. L - 1 at its last step.)"""
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * done / total
+    if schedule == "constant":
+        return float(cfg_scale)
+    raise ValueError(f"unknown cfg schedule {schedule!r}; known: {', '.join(CFG_SCHEDULES)}")
+
+
 def sample_seeds(n: int, seeds) -> list[int]:
     """One int seed per sample: ``seeds`` (default 0..n-1), checked to number n."""
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]

@@ -238,10 +238,10 @@ def _is_token_shard(p: Path) -> bool:
         meta = json.loads(sidecar.read_text())
     except ValueError as e:
         raise ValueError(f"{p}: its sidecar {sidecar.name} is not valid JSON ({e})") from e
-    return isinstance(meta, dict) and meta.get("stage") == "tokens"
+    return isinstance(meta, dict) and meta.get("stage") in ("tokens", "vq_tokens", "kl_latents")
 
 
-@summariser(_is_token_shard, "token shard .npy with its .json")
+@summariser(_is_token_shard, "token or KL latent shard .npy with its .json")
 def summarise_tokens(path: Path) -> dict:
     grids = np.load(path, mmap_mode="r")
     meta = json.loads(path.with_suffix(".json").read_text())

@@ -102,7 +102,7 @@ def placeholder_weights(workdir: str | Path, config: str | Path) -> list[Path]:
     """Empty files where the config expects local weights (a real run points these at real files)."""
     cfg = yaml.safe_load(Path(config).read_text())
     made = []
-    for path in (cfg.get("encoder", {}).get("checkpoint"), cfg.get("vq", {}).get("checkpoint")):
+    for path in (cfg.get(section, {}).get("checkpoint") for section in ("encoder", "vq", "kl")):
         if path:
             p = Path(workdir) / path
             p.parent.mkdir(parents=True, exist_ok=True)

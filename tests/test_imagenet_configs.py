@@ -202,18 +202,6 @@ def _expected_after_new_shard(plan: fi.Plan, n_train: int) -> Counter:
     return Counter(job.rule for job in fi.downstream(plan, seeds))
 
 
-def placeholder_weights(workdir, config) -> list[Path]:
-    """fake_imagenet's placeholders (encoder, VQGAN) and one for MAR's kl16.ckpt (kl.checkpoint)."""
-    made = fi.placeholder_weights(workdir, config)
-    kl = (yaml.safe_load(Path(config).read_text()).get("kl") or {}).get("checkpoint")
-    if kl and Path(workdir) / kl not in made:
-        p = Path(workdir) / kl
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.touch()
-        made.append(p)
-    return made
-
-
 def plan_imagenet(tmp_path, names, n_train: int, n_val: int, incremental=PAPER, thorough: bool = True) -> dict:
     """The whole scenario on one shared fake tree and shards folder; returns timings per config.
 
@@ -229,7 +217,7 @@ def plan_imagenet(tmp_path, names, n_train: int, n_val: int, incremental=PAPER, 
     cfgs = {name: load_config(path) for name, path in configs.items()}
     first = configs[names[0]]
     for path in configs.values():
-        placeholder_weights(work, path)
+        fi.placeholder_weights(work, path)
 
     if thorough:
         fresh = fi.dry_run(work, first)

@@ -1,5 +1,7 @@
 """Reading MAR's KL-VAE checkpoint (``kl16.ckpt``: ``{"model": state_dict}``, LDM AutoencoderKL key
-names) into `models.kl_vae.KLAutoencoder`. Nothing is ever downloaded."""
+names) into `models.kl_vae.KLAutoencoder` for the pipeline's stages, through ``io.load_torch`` (so
+Lightning-format files with foreign objects load too; no code from the file runs). The plain public
+API is ``models.kl_vae.load_kl_vae``. Nothing is ever downloaded."""
 from __future__ import annotations
 
 import os
@@ -7,32 +9,19 @@ import os
 import torch
 
 from .io import ForeignObject, load_torch
-from .models.kl_vae import KLAutoencoder, assign_kl_state, preset as kl_preset
-
-
-def _plain_dict(obj) -> bool:
-    return isinstance(obj, dict) and not isinstance(obj, ForeignObject)
+from .models.kl_vae import KLAutoencoder, assign_kl_state, checkpoint_state_dict, preset as kl_preset
 
 
 def kl_vae_state_dict(obj, path) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded KL-VAE checkpoint: MAR's ``{"model": sd}``, an LDM/Lightning
-    ``{"state_dict": sd}`` or a bare state dict; ``loss.*`` keys (discriminator, LPIPS) dropped.
-    ValueError naming ``path`` when it holds no state dict."""
-    sd = obj
-    if _plain_dict(obj):
-        for key in ("model", "state_dict"):
-            if key in obj:
-                sd = obj[key]
-                break
-    if not _plain_dict(sd):
-        kind = sd.origin if isinstance(sd, ForeignObject) else type(sd).__name__
+    """``models.kl_vae.checkpoint_state_dict`` for objects read by ``io.load_torch``: a foreign
+    object (a pickled class standing in for the state dict) is a ValueError naming ``path``."""
+    inner = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) and not isinstance(
+        obj, ForeignObject) else obj
+    if isinstance(obj, ForeignObject) or isinstance(inner, ForeignObject):
+        kind = (inner if isinstance(inner, ForeignObject) else obj).origin
         raise ValueError(f"KL-VAE checkpoint {path} holds {kind}, not a state dict "
                          f"(expected MAR's {{'model': state_dict}})")
-    sd = {str(k): v for k, v in sd.items() if not str(k).startswith("loss.")}
-    bad = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
-    if bad:
-        raise ValueError(f"KL-VAE checkpoint {path}: non-tensor entries {bad[:10]}")
-    return sd
+    return checkpoint_state_dict(obj, path)
 
 
 def load_kl_vae(path, preset: str = "kl16") -> KLAutoencoder:

@@ -6,7 +6,7 @@ import hashlib
 import pytest
 import torch
 
-from pipeline.kl_vae_loading import load_kl_vae
+from pipeline.models.kl_vae import load_kl_vae
 from pipeline.models.kl_vae import (MAR_LATENT_SCALE, KLAutoencoder, assign_kl_state,
                                     kl_state_problems, preset)
 

@@ -123,12 +123,20 @@ def test_no_import_circle():
             visit(m)
 
 
+# The public API issue 14 asks for (models.kl_vae.load_kl_vae, models.mar.load_mar) lives in
+# models/ and reads one checkpoint file each: only these functions may (file name -> functions).
+PUBLIC_LOADERS = {"kl_vae.py": {"load_kl_vae"}, "mar.py": {"_read_checkpoint"}}
+
+
 def test_models_touch_no_files():
     bad = []
     for mod, path in modules().items():
         if layer(mod) != "models":
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        skipped = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                   and f.name in PUBLIC_LOADERS.get(path.name, set()) for n in ast.walk(f)}
+        for node in (n for n in ast.walk(tree) if id(n) not in skipped):
             if isinstance(node, ast.Call):
                 f = node.func
                 name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""

@@ -14,11 +14,16 @@ The Encoder / Decoder modules are `models.vqgan`'s (taming variant, same paramet
 encoder's doubled output is obtained by building it with ``z_channels = 2 * z_channels``.
 
 Images are in [-1, 1] (MAR normalises with mean 0.5 / std 0.5). MAR multiplies the sampled latents
-by ``MAR_LATENT_SCALE`` before the generator and divides by it before decoding. This module does no
-file IO; `pipeline.kl_vae_loading` reads checkpoint files.
+by ``MAR_LATENT_SCALE`` before the generator and divides by it before decoding.
+
+``load_kl_vae(path)`` is the public API for MAR's released ``kl16.ckpt`` (plain tensors only:
+``torch.load(weights_only=True)``); it is this module's one file read (``tests/test_layers.py``
+names it). The pipeline's stages read checkpoints through `pipeline.kl_vae_loading`, which also
+accepts Lightning-format files holding foreign objects.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import Mapping
 
@@ -95,6 +100,9 @@ def preset(name: str, **overrides) -> KLVAEConfig:
     return replace(PRESETS[name], **overrides)
 
 
+preset_config = preset   # the same, under a name that a ``preset`` argument does not shadow
+
+
 class KLAutoencoder(nn.Module):
     """LDM AutoencoderKL: ``encode`` -> (mean, logvar), ``sample_latent``, ``decode``."""
 
@@ -160,3 +168,42 @@ def assign_kl_state(model: KLAutoencoder, state: Mapping[str, torch.Tensor],
         raise ValueError(f"{what} does not match the KL autoencoder: " + " | ".join(problems))
     load_exact(model, {k: v.float() for k, v in state.items()}, what)
     return model
+
+
+def checkpoint_state_dict(obj, path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded KL-VAE checkpoint: MAR's ``{"model": sd}``, an LDM/Lightning
+    ``{"state_dict": sd}`` or a bare state dict; ``loss.*`` keys (discriminator, LPIPS) dropped.
+    ValueError naming ``path`` when it holds no state dict."""
+    sd = obj
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if key in obj:
+                sd = obj[key]
+                break
+    if not isinstance(sd, dict):
+        raise ValueError(f"KL-VAE checkpoint {path} holds {type(sd).__name__}, not a state dict "
+                         f"(expected MAR's {{'model': state_dict}})")
+    sd = {str(k): v for k, v in sd.items() if not str(k).startswith("loss.")}
+    bad = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise ValueError(f"KL-VAE checkpoint {path}: non-tensor entries {bad[:10]}")
+    return sd
+
+
+def load_kl_vae(path, preset: str = "kl16") -> KLAutoencoder:
+    """MAR's released KL-VAE (``kl16.ckpt``) as an eval-mode ``KLAutoencoder`` on the CPU:
+    ``encode(x) -> (mean, logvar)`` for x in [-1, 1] (NCHW), ``decode(z) -> images in [-1, 1]`` for
+    unscaled z. Every key must match the preset's exactly, else a ValueError naming the file and
+    the missing / unexpected / mis-shaped keys. Nothing is ever downloaded."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"KL-VAE checkpoint not found: {path} (nothing is downloaded; "
+                                f"place MAR's kl16.ckpt there yourself)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated, corrupt, or pickled objects beyond plain tensors
+        raise ValueError(f"KL-VAE checkpoint {path}: cannot read it as plain tensors ({type(e).__name__}: "
+                         f"{str(e)[:200]}); Lightning files load through pipeline.kl_vae_loading") from e
+    model = KLAutoencoder(preset_config(preset))
+    assign_kl_state(model, checkpoint_state_dict(obj, path), f"KL-VAE checkpoint {path} (preset {preset!r})")
+    return model.eval()

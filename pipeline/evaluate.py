@@ -3,8 +3,9 @@
     reference_stage(config, tars, out_dir)            real images of evaluate.reference_split ->
                                                       stats.npz (mu, sigma), features.npy, reference.json
     score_stage(config, images_npz, reference_dir, out_json)
-                                                      FID (and IS where the network has logits),
-                                                      precision/recall of one sample set
+                                                      FID with its intervals, KID, IS (where the
+                                                      network has logits), precision/recall of one
+                                                      sample set
     metrics_stage(config, inputs, out_json)           every figure + provenance -> metrics.json
                                                       (validated against pipeline/schemas/metrics.schema.yaml)
 
@@ -15,6 +16,21 @@ precision/recall always need real features, so those come from the reference spl
 
 Before scoring, reference.json must record the configured network and the sha256 of its
 stats.npz, and statistics that name their network (ours) must name the configured one.
+
+Uncertainty at small N (DESIGN.md, "Small-N evaluation"), from the same Inception features:
+
+* ``fid_interval``: the FID's sampling spread at this N by half-sampling (``fid.fid_half_sample``:
+  ``fid_resamples`` random halves of the generated features, the reference statistics fixed,
+  spread centred on the full-sample FID). The report and ``tables.separability`` use it: two rows
+  whose intervals overlap are *not separable at this N*.
+* ``fid_bootstrap``: the percentile bootstrap over the generated features (``fid.fid_bootstrap``),
+  recorded as the issue asked, not used: at N < 2048 a resample holds ~0.63 N distinct images and
+  FID's small-N bias pushes the resampled values above the point estimate (the interval can
+  exclude it) and inflates their spread.
+* ``kid`` / ``kid_std``: KID (unbiased MMD^2, cubic kernel) over ``kid_subsets`` subset pairs of
+  min(``kid_subset_size``, N_generated // 2, N_reference // 2) features: half-samples at small N,
+  where whole-set subsets would give kid_std = 0. Needs the reference features, so it is null
+  (with ``kid_reason``) when ``evaluate.reference_stats`` supplies mu/sigma only.
 """
 from __future__ import annotations
 
@@ -34,6 +50,7 @@ from .feature_network import FeatureNet, load_feature_network
 from .fid_stats import load_stats, save_stats
 from .io import file_sha256, read_json, write_json_atomic, write_npy_atomic
 from .metrics import fid
+from .metrics import kid as kid_metric
 from .provenance import require_same
 
 METRICS_FORMAT = "digit-metrics-v1"
@@ -106,8 +123,57 @@ def _check_stats_network(stats: dict, path: str, net: FeatureNet) -> None:
                      "the FID statistics come from another network; recompute them with this one")
 
 
+KID_SUBSET_RULE = ("min(evaluate.kid_subset_size, N_generated // 2, N_reference // 2): half-samples below "
+                   "2 x kid_subset_size, so that kid_std is the spread at this N")
+BOOTSTRAP_NOTE = ("recorded, not used: at N < 2048 features a resample holds ~0.63 N distinct images and FID's "
+                  "small-N bias pushes resampled values above the point estimate and inflates their spread; "
+                  "fid_interval (half-sampling) is the interval that covers")
+INTERVAL_KEYS = ("low", "high", "std", "level", "resamples", "method", "resample_mean")
+
+
+def kid_subset_size(cap: int, n_generated: int, n_reference: int) -> int:
+    """KID_SUBSET_RULE: the configured cap, at most half of either set (at least 2)."""
+    return max(2, min(int(cap), n_generated // 2, n_reference // 2))
+
+
+def fid_uncertainty(ev: dict, feats: np.ndarray, ref: dict, real: np.ndarray | None) -> dict:
+    """FID against the fixed reference statistics ``ref`` with its intervals, and KID against the
+    reference features ``real`` (None: user statistics without features, KID null): the score json's
+    fid, fid_interval, fid_bootstrap, kid, kid_std, kid_subsets, kid_subset_size and their notes."""
+    n, d = feats.shape
+    seed, resamples = int(ev["interval_seed"]), int(ev["fid_resamples"])
+    # the D x D factor of the reference covariance only pays off on the D x D route (N >= D)
+    factor = fid.reference_factor(ref["sigma"]) if n >= d else None
+    out = {"fid": fid.frechet_distance_to_reference(feats, ref["mu"], ref["sigma"], ref_factor=factor),
+           "fid_interval": None, "fid_bootstrap": None, "fid_interval_reason": None}
+    if resamples == 0:
+        out["fid_interval_reason"] = "evaluate.fid_resamples is 0"
+    elif n < 4:
+        out["fid_interval_reason"] = f"half-sampling needs at least 4 generated images, got {n}"
+    else:
+        kw = {"resamples": resamples, "seed": seed, "level": float(ev["interval_level"]), "ref_factor": factor}
+        half = fid.fid_half_sample(feats, ref["mu"], ref["sigma"], **kw)
+        boot = fid.fid_bootstrap(feats, ref["mu"], ref["sigma"], **kw)
+        out["fid_interval"] = {**{k: half[k] for k in INTERVAL_KEYS}, "seed": seed}
+        out["fid_bootstrap"] = {**{k: boot[k] for k in INTERVAL_KEYS}, "seed": seed, "note": BOOTSTRAP_NOTE}
+    out.update({"kid": None, "kid_std": None, "kid_subsets": int(ev["kid_subsets"]), "kid_subset_size": None,
+                "kid_subset_rule": KID_SUBSET_RULE, "kid_seed": seed, "kid_reason": None})
+    if real is None:
+        out["kid_reason"] = ("evaluate.reference_stats gives mu/sigma only; KID needs the reference features "
+                             "its FID is against")
+    elif min(n, len(real)) < 4:
+        out["kid_reason"] = f"KID needs at least 4 images per set, got {n} generated and {len(real)} reference"
+    else:
+        m = kid_subset_size(ev["kid_subset_size"], n, len(real))
+        k = kid_metric.kid(real, feats, subsets=int(ev["kid_subsets"]), subset_size=m, seed=seed)
+        out.update({"kid": k["kid"], "kid_std": k["kid_std"], "kid_subsets": k["subsets"],
+                    "kid_subset_size": k["subset_size"]})
+    return out
+
+
 def score_stage(config: dict, images_npz: str, reference_dir: str, out_json: str, *, progress: bool = True) -> dict:
-    """FID / IS / precision-recall of the images in ``images_npz`` against the reference."""
+    """FID (with intervals) / KID / IS / precision-recall of the images in ``images_npz`` against
+    the reference."""
     ev = config["evaluate"]
     t0 = time.time()
     net = _network(config)
@@ -116,24 +182,31 @@ def score_stage(config: dict, images_npz: str, reference_dir: str, out_json: str
     ref, ref_stats_path = _fid_reference(ev, ref_dir)
     _check_stats_network(ref, ref_stats_path, net)
     feats, logits = net.extract(images, int(ev["batch_size"]), progress, desc=f"inception {Path(images_npz).parent.name}")
-    mu, sigma = fid.activation_statistics(feats)
-    fid_value = fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    t_features = time.time() - t0
     real = np.load(ref_dir / "features.npy")
     precision, recall = fid.precision_recall(real, feats, k=int(ev["pr_k"]))
+    t1 = time.time()
+    unc = fid_uncertainty(ev, feats, ref, None if ev["reference_stats"] else real)
+    t_uncertainty = time.time() - t1
     is_mean = is_std = None
     if logits is not None:
         is_mean, is_std = fid.inception_score(logits, splits=min(10, max(1, len(logits) // 100)))
     images_meta = read_json(Path(images_npz).with_suffix(".json"))
     result = {"stage": "score", "images": str(images_npz), "images_sha256": file_sha256(images_npz),
-              "n_samples": int(len(images)), "fid": float(fid_value), "is_mean": is_mean, "is_std": is_std,
+              "n_samples": int(len(images)), "fid": float(unc.pop("fid")), **unc,
+              "is_mean": is_mean, "is_std": is_std,
               "precision": float(precision), "recall": float(recall), "pr_k": int(ev["pr_k"]),
               "n_reference": ref["n"], "reference_stats": ref_stats_path,
               "reference_stats_sha256": file_sha256(ref_stats_path), "n_reference_features": int(len(real)),
-              "feature_network": net.id, "render": images_meta, "seconds": round(time.time() - t0, 2)}
+              "feature_network": net.id, "render": images_meta, "seconds": round(time.time() - t0, 2),
+              "seconds_features": round(t_features, 2), "seconds_uncertainty": round(t_uncertainty, 2)}
     write_json_atomic(out_json, result)
     is_txt = f", IS {is_mean:.3f}" if is_mean is not None else ""
-    print(f"[score] {images_npz}: FID {fid_value:.3f} (N={len(images)} vs {ref['n']} real){is_txt}, "
-          f"precision {precision:.3f}, recall {recall:.3f}", file=sys.stderr)
+    iv = result["fid_interval"]
+    iv_txt = f" [{iv['low']:.2f}, {iv['high']:.2f}]" if iv else ""
+    kid_txt = f", KID {result['kid']:.5f} ± {result['kid_std']:.5f}" if result["kid"] is not None else ""
+    print(f"[score] {images_npz}: FID {result['fid']:.3f}{iv_txt} (N={len(images)} vs {ref['n']} real){kid_txt}"
+          f"{is_txt}, precision {precision:.3f}, recall {recall:.3f}", file=sys.stderr)
     return result
 
 
@@ -189,9 +262,64 @@ def _generation_figures(model: str, score: dict, samples: dict, base: dict) -> l
     n = score["n_samples"]
     figs = [_figure(f"{m}/{model}", m, model, score[m], base, n, **prov)
             for m in ("fid", "precision", "recall")]
+    if "fid_interval" in score:   # score jsons from before the intervals have none
+        interval = score["fid_interval"]
+        figs[0]["low"] = interval["low"] if interval else None
+        figs[0]["high"] = interval["high"] if interval else None
+        figs[0]["provenance"].update(interval=interval, fid_bootstrap=score.get("fid_bootstrap"),
+                                     interval_reason=score.get("fid_interval_reason"))
+    if "kid" in score:
+        kid_prov = {**prov, **{k: score.get(k) for k in KID_PROVENANCE}}
+        figs += [_figure(f"{m}/{model}", m, model, score[m], base, n, **kid_prov) for m in ("kid", "kid_std")]
     if score.get("is_mean") is not None:
         figs += [_figure(f"{m}/{model}", m, model, score[m], base, n, **prov) for m in ("is_mean", "is_std")]
     return figs
+
+
+KID_PROVENANCE = ("kid_subsets", "kid_subset_size", "kid_subset_rule", "kid_seed", "kid_reason")
+KID_SEPARABILITY = "KID mean ± 2 std over subsets (half-samples at small N: ~ the spread at N)"
+
+
+def _pair_bounds(score: dict) -> tuple[list | None, list | None]:
+    """A row's FID interval and KID mean ± 2 std as [low, high] (None where the score has none)."""
+    iv = score.get("fid_interval")
+    fid_b = [iv["low"], iv["high"]] if iv else None
+    kid_b = ([score["kid"] - 2 * score["kid_std"], score["kid"] + 2 * score["kid_std"]]
+             if score.get("kid") is not None and score.get("kid_std") is not None else None)
+    return fid_b, kid_b
+
+
+def separability_table(scores: dict[str, dict]) -> dict | None:
+    """tables.separability: for every pair of rows (in ``scores``' order) whether their FID intervals
+    are disjoint (``fid.separable``; null when either has none, or when N differs: FID's small-N bias
+    depends on N, so FIDs at different N do not compare) and whether their KID mean ± 2 std are
+    (unbiased, so any N compares). ``separable`` is the FID verdict, the issue's criterion. None
+    when no row has an interval (score jsons from before them)."""
+    if not any("fid_interval" in s for s in scores.values()):
+        return None
+    rows = list(scores)
+    bounds = {r: _pair_bounds(scores[r]) for r in rows}
+    methods = {s["fid_interval"]["method"] for s in scores.values() if s.get("fid_interval")}
+    levels = {s["fid_interval"]["level"] for s in scores.values() if s.get("fid_interval")}
+    pairs = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            (fa, ka), (fb, kb) = bounds[a], bounds[b]
+            na, nb = scores[a]["n_samples"], scores[b]["n_samples"]
+            if fa is None or fb is None:
+                missing = " and ".join(r for r, f in ((a, fa), (b, fb)) if f is None)
+                fid_sep, reason = None, f"no FID interval for {missing}"
+            elif na != nb:
+                fid_sep, reason = None, f"FID at different N ({na} vs {nb}) does not compare"
+            else:
+                fid_sep, reason = fid.separable(fa, fb), None
+            kid_sep = fid.separable(ka, kb) if ka is not None and kb is not None else None
+            pairs.append({"a": a, "b": b, "n_a": na, "n_b": nb, "fid_a": fa, "fid_b": fb, "kid_a": ka, "kid_b": kb,
+                          "fid_separable": fid_sep, "kid_separable": kid_sep, "separable": fid_sep,
+                          "reason": reason})
+    return {"fid_interval": {"method": "; ".join(sorted(methods)) or None,
+                             "level": levels.pop() if len(levels) == 1 else None},
+            "kid_rule": KID_SEPARABILITY, "pairs": pairs}
 
 
 def _probe_entry(p: dict, base: dict, source: str) -> dict:
@@ -251,9 +379,11 @@ def metrics_stage(config: dict, inputs: dict, out_json: str) -> dict:
     if missing:
         raise ConfigError(f"the report needs --input {', '.join(missing)} (the rows of config key 'generators': "
                           f"{', '.join(rows)})")
+    scores = {}
     for row in rows:
         score, samples = read_json(inputs[f"score_{row}"]), read_json(inputs[f"samples_{row}"])
         figures += _generation_figures(row, score, samples, base)
+        scores[row] = score
     for model in ("digit", "vq"):
         p = read_json(inputs[f"probe_{model}"])
         probe[model] = _probe_entry(p, base, inputs[f"probe_{model}"])
@@ -269,7 +399,8 @@ def metrics_stage(config: dict, inputs: dict, out_json: str) -> dict:
     run = config["run"]
     metrics = {"format": METRICS_FORMAT, "run": run, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "git_commit": commit, "git_dirty": dirty, "config_hash": chash, "config": config,
-               "figures": figures, "tables": {"stability": stability, "probe": probe, "sweep": None},
+               "figures": figures, "tables": {"stability": stability, "probe": probe, "sweep": None,
+                                              "separability": separability_table(scores)},
                "artifacts": _artifacts(run, inputs)}
     validate_metrics(metrics)
     write_json_atomic(out_json, metrics)

@@ -37,11 +37,14 @@ __all__ = ["NOT_AVAILABLE", "render_html", "write_report", "main"]
 
 HEADLINE = [  # (metric, column title, digits, "lower/higher is better")
     ("fid", "FID", 2, "↓"),
+    ("kid", "KID ×10³", 2, "↓"),
     ("is_mean", "IS", 2, "↑"),
     ("precision", "Precision", 3, "↑"),
     ("recall", "Recall", 3, "↑"),
     ("fd_dinov2", "FD<sub>DINOv2</sub>", 2, "↓"),
 ]
+OPTIONAL_HEADLINE = ("kid", "fd_dinov2")   # columns shown only when some figure has them
+KID_SCALE = 1e3                            # KID is shown x 10^3, as StyleGAN2-ADA and most papers
 OTHER_METRIC_LABELS = {"vq_psnr": "VQ reconstruction PSNR (dB)", "encoder_accuracy": "encoder test accuracy",
                        "final_loss": "final training loss", "probe_top1": "linear-probe top-1"}
 
@@ -68,6 +71,7 @@ th:first-child, td:first-child { text-align: left; }
 td.txt, th.txt { text-align: left; }
 tr.ref td { color: var(--muted); font-style: italic; }
 tr.sep td { border-top: 2px solid var(--line); }
+ul.pairs { margin: 4px 0 12px; padding-left: 22px; } ul.pairs li { margin: 2px 0; }
 .n { color: var(--muted); font-size: 12px; margin-left: 6px; white-space: nowrap; }
 .best { font-weight: 700; }
 .na { color: var(--muted); font-style: italic; }
@@ -169,10 +173,66 @@ def _route(f: Mapping) -> list[str]:
     return [esc(stage1), esc(pixels), ck or '<span class="na">—</span>']
 
 
+def _interval_text(f: Mapping, digits: int) -> str:
+    """" [low, high]" of a figure with an interval, else ""."""
+    lo, hi = f.get("low"), f.get("high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
+        return ""
+    return f" [{num(float(lo), digits)}, {num(float(hi), digits)}]"
+
+
+def _kid_cell(f: Mapping, std: Mapping | None, digits: int) -> str:
+    """KID x 10^3 ± its std over subsets; a dash with the reason when it is null."""
+    v = f.get("value")
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        reason = (f.get("provenance") or {}).get("kid_reason")
+        return f'<span class="na" title="{esc(reason)}">—</span>' if reason else num(None)
+    cell = num(v * KID_SCALE, digits)
+    s = (std or {}).get("value")
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        cell += f" ± {num(s * KID_SCALE, digits)}"
+    return cell
+
+
+def _pair_sentence(p: Mapping) -> str:
+    """One plain sentence on a pair of tables.separability."""
+    a, b = esc(model_label(str(p.get("a")))), esc(model_label(str(p.get("b"))))
+    na_, nb = p.get("n_a"), p.get("n_b")
+    kid = {True: "KID ± 2 std disjoint", False: "KID ± 2 std overlap"}.get(p.get("kid_separable"), "")
+    if p.get("fid_separable") is True:
+        return f"{a} vs {b}: separable at {n_text(na_)} (FID intervals disjoint{'; ' + kid if kid else ''})."
+    if p.get("fid_separable") is False:
+        return f"{a} vs {b}: not separable at {n_text(na_)} (FID intervals overlap{'; ' + kid if kid else ''})."
+    if na_ != nb:
+        return (f"{a} vs {b}: FIDs do not compare ({n_text(na_)} vs {n_text(nb)}: FID's bias depends on N)"
+                f"{'; ' + kid if kid else ''}.")
+    return f"{a} vs {b}: {esc(p.get('reason') or 'no FID interval')}{'; ' + kid if kid else ''}."
+
+
+def _separability(m: Mapping) -> str:
+    """The sentences under the headline table: which differences are separable at this N."""
+    sep = (m.get("tables") or {}).get("separability")
+    if not isinstance(sep, Mapping) or not sep.get("pairs"):
+        return ""
+    pairs = [p for p in sep["pairs"] if isinstance(p, Mapping)]
+    order = {True: 0, False: 1, None: 2}
+    pairs.sort(key=lambda p: order.get(p.get("separable"), 2))   # separable first, then not, then not comparable
+    items = "".join(f"<li>{_pair_sentence(p)}</li>" for p in pairs)
+    fi = sep.get("fid_interval") or {}
+    level = fi.get("level")
+    level_txt = f"{level * 100:g}% " if isinstance(level, (int, float)) else ""
+    return ('<h3 id="separability">Which differences are separable at this N</h3>'
+            f'<p class="sub">Two rows are <b>separable at this N</b> when their {level_txt}FID intervals are disjoint; '
+            'when they overlap the difference may be sampling noise: more images are needed to rank them. KID '
+            '(unbiased at any N) is compared by mean ± 2 std over its subsets.</p>'
+            f'<ul class="pairs">{items}</ul>')
+
+
 def _headline(m: Mapping) -> str:
-    """FID / IS / precision / recall per model, each with its N."""
+    """FID (with its interval) / KID / IS / precision / recall per model, each with its N, then
+    which differences are separable."""
     figs = [f for f in m.get("figures", []) if isinstance(f, dict)]
-    metrics = [h for h in HEADLINE if any(f.get("metric") == h[0] for f in figs) or h[0] != "fd_dinov2"]
+    metrics = [h for h in HEADLINE if any(f.get("metric") == h[0] for f in figs) or h[0] not in OPTIONAL_HEADLINE]
     by = {(f.get("model"), f.get("metric")): f for f in figs}
     models = _models(figs, [h[0] for h in HEADLINE] + ["is_std"])
     if not models:
@@ -187,7 +247,9 @@ def _headline(m: Mapping) -> str:
             if f is None:
                 row.append('<span class="na">—</span>')
                 continue
-            cell = num(f.get("value"), digits)
+            cell = _kid_cell(f, by.get((model, "kid_std")), digits) if metric == "kid" else num(f.get("value"), digits)
+            if metric == "fid":
+                cell += _interval_text(f, digits)
             if metric == "is_mean" and (model, "is_std") in by and by[(model, "is_std")].get("value") is not None:
                 cell += f' ± {num(by[(model, "is_std")]["value"], digits)}'
             if metric == "fid" or f.get("n_samples") is not None:
@@ -195,12 +257,25 @@ def _headline(m: Mapping) -> str:
             row.append(cell)
         rows.append(row + route)
     n_metrics = len(metrics)
+    fid_prov = [(f.get("provenance") or {}).get("interval") for f in figs if f.get("metric") == "fid"]
+    fid_prov = [p for p in fid_prov if isinstance(p, Mapping)]
+    uncertainty = ""
+    if fid_prov:
+        p = fid_prov[0]
+        level = p.get("level")
+        level_txt = num(level * 100, 0) if isinstance(level, (int, float)) else "?"
+        uncertainty = (f'FID [low, high]: {level_txt}% interval of the FID at this N by half-sampling '
+                       f'({num(p.get("resamples"))} random halves of the generated images, the reference statistics '
+                       'fixed); it shows the sampling spread, not the small-N bias. ')
+    if any(f.get("metric") == "kid" for f in figs):
+        uncertainty += ('KID ×10³ ± the standard deviation over its subsets (unbiased MMD², cubic polynomial '
+                        'kernel; subsets of half the images at small N). ')
     return (html_table(head, rows, text_cols=(n_metrics + 1, n_metrics + 2, n_metrics + 3)) +
-            '<p class="sub">↓ lower is better, ↑ higher is better. DiGIT samples are rendered to pixels through '
-            'a stage 2 (AR: the GPT with the DiGIT grid as prefix; NAR: mask-predict, the paper\'s "DiGIT '
-            '(+MaskGIT)") and the VQ decoder; the VQ baseline is the same stage-1 GPT trained on VQ tokens, '
+            f'<p class="sub">↓ lower is better, ↑ higher is better. {uncertainty}DiGIT samples are rendered to '
+            'pixels through a stage 2 (AR: the GPT with the DiGIT grid as prefix; NAR: mask-predict, the paper\'s '
+            '"DiGIT (+MaskGIT)") and the VQ decoder; the VQ baseline is the same stage-1 GPT trained on VQ tokens, '
             'MaskGIT the NAR model without a DiGIT context. Full provenance of every number: '
-            '<a href="#provenance">Provenance</a>.</p>')
+            '<a href="#provenance">Provenance</a>.</p>' + _separability(m))
 
 
 def _samples(m: Mapping, workdir: Path) -> str:
@@ -213,7 +288,8 @@ def _samples(m: Mapping, workdir: Path) -> str:
         title = esc(model_label(model))
         fid = figs.get((model, "fid"))
         if fid is not None:
-            title += f' <span class="n">FID {num(fid.get("value"), 2)}, {n_text(fid.get("n_samples"))}</span>'
+            title += (f' <span class="n">FID {num(fid.get("value"), 2)}{_interval_text(fid, 1)}, '
+                      f'{n_text(fid.get("n_samples"))}</span>')
         try:
             path = artifact_path(workdir, rel, f"artifacts.grids.{model}")
             data = path.read_bytes()
@@ -229,7 +305,7 @@ def _samples(m: Mapping, workdir: Path) -> str:
 
 def _other(m: Mapping) -> str:
     """Every figure the other sections do not show (PSNR, encoder accuracy, final losses)."""
-    shown = {h[0] for h in HEADLINE} | {"is_std", "probe_top1"}
+    shown = {h[0] for h in HEADLINE} | {"is_std", "kid_std", "probe_top1"}
     figs = [f for f in m.get("figures", []) if isinstance(f, dict) and f.get("metric") not in shown]
     if not figs:
         return na("no other figures in metrics.json")

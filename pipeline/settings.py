@@ -150,7 +150,8 @@ OUTPUT_SETTINGS: dict[str, Callable[[dict], dict]] = {
     "render-vq": lambda c: {"vq": vq_model(c)},
     "reference": lambda c: {"evaluate": pick(c, "evaluate", "network", "reference_split", "n_reference"),
                             "encoder": view_settings(c)},
-    "score": lambda c: {"evaluate": pick(c, "evaluate", "network", "reference_stats", "pr_k")},
+    "score": lambda c: {"evaluate": pick(c, "evaluate", "network", "reference_stats", "pr_k", "kid_subsets",
+                                         "kid_subset_size", "fid_resamples", "interval_level", "interval_seed")},
     "stability": lambda c: {"encoder": encoder_model(c), "vq": vq_model(c),
                             "evaluate": pick(c, "evaluate", "stability_images", "stability_snrs", "seed")},
     # metrics.json records the config (and its hash): every setting but the runtime ones

@@ -220,8 +220,8 @@ RESULT_KEYS = {
     "sample.temperature": (0.5, {"sample"}),
     "encoder.layer": (2, {"features", "tokens", "stability"}),     # not the tiny encoder's training
     "encoder.precision": ("fp32", {"features", "tokens"}),          # stability runs in fp32 anyway
-    "encoder.crop": (26, {"train-encoder", "features", "tokens", "train-vq", "vq-tokens", "reference",
-                          "stability"}),
+    "encoder.crop": (26, {"train-encoder", "features", "tokens", "train-vq", "vq-tokens", "train-kl", "kl-latents",
+                          "reference", "stability"}),
     "encoder.train.epochs": (2, {"train-encoder", "features", "tokens", "stability"}),
     "kmeans.feature_view": (1, {"features"}),
     "kmeans.seed": (1, {"features", "kmeans"}),
@@ -233,8 +233,16 @@ RESULT_KEYS = {
     "stage2_nar.sample.n_per_class": (3, set()),      # stage 2 renders the DiGIT samples: counts unused
     "maskgit.train.lr": (0.01, {"train-maskgit"}),
     "maskgit.sample.iterations": (6, {"sample-maskgit"}),
+    "kl.train.lr": (0.01, {"train-kl"}),
+    "mar.train.lr": (0.01, {"train-mar"}),
+    "mar.sample.num_iter": (6, {"sample-mar"}),
+    "mar_causal.train.lr": (0.01, {"train-mar-causal"}),
+    "mar_causal.sample.num_sampling_steps": (20, {"sample-mar-causal"}),
     "probe.epochs": (3, {"probe"}),
     "evaluate.pr_k": (5, {"score"}),
+    "evaluate.fid_resamples": (100, {"score"}),       # the intervals: scoring only, not the reference
+    "evaluate.interval_level": (0.9, {"score"}),
+    "evaluate.kid_subset_size": (50, {"score"}),
     "evaluate.n_reference": (30, {"reference"}),
     "evaluate.stability_images": (10, {"stability"}),
 }
@@ -315,7 +323,10 @@ def test_each_stage_gets_a_valid_config():
 
 LATER = {"train_stage1", "sample_stage1", "probe_stage1", "render_digit", "render_digit_nar", "render_vq", "score",
          "report", "all"}
-AFTER_TOKENS = {"tokens", "vq_tokens", "train_stage2", "train_stage2_nar", "train_maskgit", "sample_maskgit"} | LATER
+# the KL latents read the DiGIT token shards' crops: rewritten token shards rerun them and the MAR rows
+MAR_ROWS = {"kl_latents", "train_mar", "train_mar_causal", "sample_mar", "sample_mar_causal", "render_latent"}
+AFTER_TOKENS = ({"tokens", "vq_tokens", "train_stage2", "train_stage2_nar", "train_maskgit", "sample_maskgit"}
+                | MAR_ROWS | LATER)
 # the rules a dry run plans after one setting changed
 PLANS = {
     "kmeans.k": ({"kmeans", "stability"} | AFTER_TOKENS),
@@ -327,6 +338,7 @@ PLANS = {
     "stage2.sample.top_p": {"render_digit", "score", "report", "all"},
     "stage2_nar.sample.iterations": {"render_digit_nar", "score", "report", "all"},
     "maskgit.sample.iterations": {"sample_maskgit", "render_vq", "score", "report", "all"},
+    "mar.sample.num_iter": {"sample_mar", "render_latent", "score", "report", "all"},
     "evaluate.pr_k": {"score", "report", "all"},
 }
 

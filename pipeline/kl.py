@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import ConfigError
-from .data import ViewSpec, crop_view, cut_views, index_shard, load_resized_images, original_size, read_image, \
+from .data import ViewSpec, crop_view, cut_views, index_shard, read_image, \
     resized_size, to_tensor
 from .devices import resolve_device
 from .errors import StageFailed
@@ -50,7 +50,7 @@ from .models.kl_vae import LOGVAR_RANGE, MAR_LATENT_SCALE, KLAutoencoder, KLVAEC
     preset as kl_preset
 from .tokens import write_token_shard
 from .train_steps import optimizer_step, shuffled_batches, warmup_cosine
-from .vq import to_model_pixels, to_uint8
+from .vq import tokenizer_images, to_model_pixels, to_uint8
 
 FORMAT = "digit-kl-v1"
 OFFICIAL_FORMAT = "mar-kl16"
@@ -159,14 +159,7 @@ def train_kl(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, kl_cfg
     seed = int(cfg_in["seed"])
     torch.manual_seed(seed)
     t0 = time.time()
-    train_images, train_keys, _ = load_resized_images(train_tars, spec)
-    test_images, test_keys, _ = load_resized_images(test_tars, spec)
-    if cfg_in["max_images"] and len(train_images) > cfg_in["max_images"]:
-        train_images, train_keys = train_images[:cfg_in["max_images"]], train_keys[:cfg_in["max_images"]]
-    train_size, test_size = original_size(train_tars), original_size(test_tars)
-    test_views = cut_views(test_images, test_keys, 0, seed, spec, test_size)
-    if cfg_in["max_test_images"]:
-        test_views = test_views[:cfg_in["max_test_images"]]
+    train_images, train_keys, train_size, test_views = tokenizer_images(train_tars, test_tars, spec, seed, cfg_in)
 
     model = KLAutoencoder(config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_in["lr"], weight_decay=cfg_in["weight_decay"])

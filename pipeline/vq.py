@@ -100,6 +100,20 @@ def _flat(z: torch.Tensor) -> torch.Tensor:
     return z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 
+def tokenizer_images(train_tars, test_tars, spec: ViewSpec, seed: int, cfg: dict):
+    """What a tiny tokenizer (VQGAN, KL autoencoder) trains and is tested on: the resized training
+    images (the first ``cfg["max_images"]``; 0 = all), their keys and original size (for the
+    per-epoch random views), and the test split's centre views (the first ``max_test_images``)."""
+    train_images, train_keys, _ = load_resized_images(train_tars, spec)
+    test_images, test_keys, _ = load_resized_images(test_tars, spec)
+    if cfg["max_images"] and len(train_images) > cfg["max_images"]:
+        train_images, train_keys = train_images[:cfg["max_images"]], train_keys[:cfg["max_images"]]
+    test_views = cut_views(test_images, test_keys, 0, seed, spec, original_size(test_tars))
+    if cfg["max_test_images"]:
+        test_views = test_views[:cfg["max_test_images"]]
+    return train_images, train_keys, original_size(train_tars), test_views
+
+
 def train_vq(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, vq_cfg: dict, *,
              progress: bool = True) -> dict:
     cfg_in = {**DEFAULTS, **(vq_cfg or {})}
@@ -111,14 +125,7 @@ def train_vq(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, vq_cfg
     seed = int(cfg_in["seed"])
     torch.manual_seed(seed)
     t0 = time.time()
-    train_images, train_keys, _ = load_resized_images(train_tars, spec)
-    test_images, test_keys, _ = load_resized_images(test_tars, spec)
-    if cfg_in["max_images"] and len(train_images) > cfg_in["max_images"]:
-        train_images, train_keys = train_images[:cfg_in["max_images"]], train_keys[:cfg_in["max_images"]]
-    train_size, test_size = original_size(train_tars), original_size(test_tars)
-    test_views = cut_views(test_images, test_keys, 0, seed, spec, test_size)
-    if cfg_in["max_test_images"]:
-        test_views = test_views[:cfg_in["max_test_images"]]
+    train_images, train_keys, train_size, test_views = tokenizer_images(train_tars, test_tars, spec, seed, cfg_in)
 
     model = VQGAN(config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_in["lr"], weight_decay=cfg_in["weight_decay"])

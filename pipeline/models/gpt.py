@@ -162,6 +162,20 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def cached_step(model: nn.Module, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Advance ``cache`` by the embedded positions ``x`` (B, L, D) through ``model``'s position
+    table, dropout, blocks and final norm; the last position's hidden state (B, D). Shared by the
+    GPT and MAR's causal variant, which differ only in what reads it (logits vs diffusion head)."""
+    L = x.shape[1]
+    if cache.pos + L > cache.max_len:
+        raise ValueError(f"KV cache full ({cache.max_len} positions)")
+    x = model.drop(x + model.pos_emb(torch.arange(cache.pos, cache.pos + L, device=x.device)))
+    for i, block in enumerate(model.blocks):
+        x = block(x, cache, i)
+    cache.pos += L
+    return model.ln_f(x[:, -1])
+
+
 class TokenTransformer(nn.Module):
     """What the GPT and the mask-predict model (``models/maskgit.py``) share: the token, position,
     context and class tables, the pre-norm blocks (causal or not), the final norm and the head,
@@ -322,14 +336,7 @@ class GPT(TokenTransformer):
                        device=device or w.device, dtype=dtype or w.dtype)
 
     def _step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        L = x.shape[1]
-        if cache.pos + L > cache.max_len:
-            raise ValueError(f"KV cache full ({cache.max_len} positions)")
-        x = self.drop(x + self.pos_emb(torch.arange(cache.pos, cache.pos + L, device=x.device)))
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
-        cache.pos += L
-        return self.head(self.ln_f(x[:, -1]))
+        return self.head(cached_step(self, x, cache))
 
     def prefill(self, labels, cache: KVCache, context=None) -> torch.Tensor:
         """Write the condition (and the context) into an empty cache; logits (B, V) for token 0."""

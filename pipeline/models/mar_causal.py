@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.models.diffusion_head import DiffusionLoss
-from pipeline.models.gpt import Block, GPTConfig, KVCache, TokenTransformer
+from pipeline.models.gpt import Block, GPTConfig, KVCache, TokenTransformer, cached_step
 from pipeline.models.sampling import cfg_scale_at, sample_seeds, seeded_batches
 
 PRESETS: dict[str, dict] = {
@@ -237,14 +237,7 @@ class MARCausal(nn.Module):
                        device=device or w.device, dtype=dtype or w.dtype)
 
     def _step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        L = x.shape[1]
-        if cache.pos + L > cache.max_len:
-            raise ValueError(f"KV cache full ({cache.max_len} positions)")
-        x = self.drop(x + self.pos_emb(torch.arange(cache.pos, cache.pos + L, device=x.device)))
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
-        cache.pos += L
-        return self.ln_f(x[:, -1])
+        return cached_step(self, x, cache)
 
     def prefill(self, labels, cache: KVCache) -> torch.Tensor:
         """Write the condition position into an empty cache; z (B, D) for token 0."""

@@ -9,8 +9,9 @@ import pytest
 
 from pipeline import cli
 
-DAG_ORDER = ["init", "shards", "train-encoder", "features", "kmeans", "tokens", "train-vq", "vq-tokens", "train",
-             "sample", "probe", "render", "reference", "score", "stability", "report", "inspect", "config"]
+DAG_ORDER = ["init", "shards", "train-encoder", "features", "kmeans", "tokens", "train-vq", "vq-tokens", "train-kl",
+             "kl-latents", "train", "sample", "probe", "render", "render-latents", "reference", "score", "stability",
+             "report", "inspect", "config"]
 
 
 def test_help_lists_the_stages_in_dag_order():

@@ -328,7 +328,7 @@ def summarise_checkpoint(path: Path) -> dict:
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "iterations", "choice_temperature", "num_iter",
-                 "num_sampling_steps", "cfg_schedule", "seed")
+                 "num_sampling_steps", "clip_x0", "cfg_schedule", "seed")
 
 
 def generator_text(family: str, mc: dict) -> str:

@@ -251,7 +251,7 @@ def _generation_figures(model: str, score: dict, samples: dict, base: dict) -> l
             "feature_network": score["feature_network"],
             "sampling": {"stage1": {k: samples.get(k) for k in ("temperature", "top_k", "top_p", "cfg_scale",
                                                                   "iterations", "choice_temperature",
-                                                                  "num_iter", "num_sampling_steps",
+                                                                  "num_iter", "num_sampling_steps", "clip_x0",
                                                                   "cfg_schedule", "n_per_class", "n")
                                     if k in samples},
                          "stage2": {k: render.get(k) for k in STAGE2_SAMPLING_KEYS if k in render}

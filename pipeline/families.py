@@ -50,20 +50,21 @@ def draw_mask_predict(model: MaskPredictor, n: int, *, labels, context, seeds, c
 
 
 AR_SAMPLE_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "seed")
-LATENT_SAMPLE_KEYS = ("num_sampling_steps", "temperature", "cfg_scale", "cfg_schedule", "seed")
+LATENT_SAMPLE_KEYS = ("num_sampling_steps", "clip_x0", "temperature", "cfg_scale", "cfg_schedule", "seed")
 
 
-def use_sampling_steps(model: nn.Module, steps: int) -> None:
+def use_sampling_steps(model: nn.Module, steps: int, clip_x0: float | None = None) -> None:
     """Respace the diffusion head's sampling chain to ``steps`` reverse steps (MAR's
-    ``num_sampling_steps``): a sampling setting, not part of the trained weights."""
+    ``num_sampling_steps``) and set its x0 clamp: sampling settings, not part of the weights."""
     from .models.diffusion_head import TRAINING_STEPS, GaussianDiffusion, cosine_betas, space_timesteps
     model.diffloss.gen_diffusion = GaussianDiffusion.respaced(cosine_betas(TRAINING_STEPS),
                                                               space_timesteps(TRAINING_STEPS, str(int(steps))))
+    model.diffloss.clip_x0 = None if clip_x0 is None else float(clip_x0)
 
 
 def draw_mar(model: nn.Module, n: int, *, labels, context, seeds, cfg: dict, batch_size: int):
     from .models.mar import mar_sample
-    use_sampling_steps(model, cfg["num_sampling_steps"])
+    use_sampling_steps(model, cfg["num_sampling_steps"], cfg.get("clip_x0"))
     return mar_sample(model, n, labels=labels, seeds=seeds, batch_size=batch_size, num_iter=int(cfg["num_iter"]),
                       cfg_scale=float(cfg["cfg_scale"]), cfg_schedule=cfg["cfg_schedule"],
                       temperature=float(cfg["temperature"]))
@@ -71,7 +72,7 @@ def draw_mar(model: nn.Module, n: int, *, labels, context, seeds, cfg: dict, bat
 
 def draw_mar_causal(model: nn.Module, n: int, *, labels, context, seeds, cfg: dict, batch_size: int):
     from .models.mar_causal import mar_causal_sample
-    use_sampling_steps(model, cfg["num_sampling_steps"])
+    use_sampling_steps(model, cfg["num_sampling_steps"], cfg.get("clip_x0"))
     return mar_causal_sample(model, n, labels=labels, seeds=seeds, batch_size=batch_size,
                              cfg_scale=float(cfg["cfg_scale"]), cfg_schedule=cfg["cfg_schedule"],
                              temperature=float(cfg["temperature"]))

@@ -258,3 +258,16 @@ def test_per_row_generators_make_rows_independent_of_their_batch():
         assert torch.equal(together[:2], alone[:2])
         other = loss.sample(zz, generator=rows([9, 8]), cfg=cfg)
         assert not torch.equal(other[:2], together[:2]) and torch.equal(other[2:4], together[2:4])
+
+
+def test_clip_x0_bounds_the_draws_of_an_untrained_head():
+    """A fresh head predicts eps = 0, so x0 = x_t / sqrt(alpha_bar) explodes at t = 999 (MAR does
+    not clamp); with clip_x0 every step's x0 is clamped, and the final draw (the last step's
+    posterior mean of a clamped x0) stays within the clamp."""
+    loss = DiffusionLoss(target_channels=3, z_channels=5, depth=2, width=16, num_sampling_steps="10")
+    z = torch.randn(64, 5)
+    free = loss.sample(z, generator=torch.Generator().manual_seed(0))
+    loss.clip_x0 = 2.0
+    clamped = loss.sample(z, generator=torch.Generator().manual_seed(0))
+    assert free.abs().max() > 100
+    assert clamped.abs().max() <= 2.0 + 1e-4

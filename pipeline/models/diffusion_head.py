@@ -246,7 +246,8 @@ class GaussianDiffusion:
         mean = self._at(self.posterior_mean_coef_x0, t, x_t) * x0 + self._at(self.posterior_mean_coef_xt, t, x_t) * x_t
         return mean, self._at(self.posterior_log_variance_clipped, t, x_t)
 
-    def model_mean_variance(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+    def model_mean_variance(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                            clip_x0: Optional[float] = None):
         """Split (eps, v); log variance interpolates log posterior var (v=-1) .. log beta (v=+1)."""
         eps, v = model_out.split(x_t.shape[1], dim=1)
         frac = (v + 1) / 2
@@ -254,6 +255,8 @@ class GaussianDiffusion:
         max_log = self._at(torch.log(self.betas), t, x_t)
         log_var = frac * max_log + (1 - frac) * min_log
         pred_x0 = self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        if clip_x0 is not None:   # IDDPM's clip_denoised, at +-clip_x0 (MAR samples without it)
+            pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
         mean, _ = self.q_posterior(pred_x0, x_t, t)
         return mean, log_var, pred_x0
 
@@ -279,15 +282,17 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample_loop(self, model, noise: torch.Tensor, temperature: float = 1.0,
-                      generator: NoiseSource = None, paired: bool = False, **model_kwargs) -> torch.Tensor:
+                      generator: NoiseSource = None, paired: bool = False, clip_x0: Optional[float] = None,
+                      **model_kwargs) -> torch.Tensor:
         """Ancestral sampling from ``noise`` over all (respaced) steps; noise x temperature.
+        ``clip_x0``: clamp each step's predicted x0 to +-clip_x0 (None: no clamp, as MAR).
         ``generator``: one ``torch.Generator`` for all rows, or one per row (``draw_noise``).
         ``paired``: rows are [cond; uncond] halves (CFG) that share each step's noise, drawn for
         the first half only (``generator`` then covers the first half)."""
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            mean, log_var, _ = self.model_mean_variance(self.model_call(model, x, t, **model_kwargs), x, t)
+            mean, log_var, _ = self.model_mean_variance(self.model_call(model, x, t, **model_kwargs), x, t, clip_x0)
             if i > 0:
                 if paired:
                     z = draw_noise((x.shape[0] // 2, *x.shape[1:]), generator, x.device, x.dtype)
@@ -339,6 +344,10 @@ class DiffusionLoss(nn.Module):
         base = cosine_betas(TRAINING_STEPS)
         self.train_diffusion = GaussianDiffusion(base)
         self.gen_diffusion = GaussianDiffusion.respaced(base, space_timesteps(TRAINING_STEPS, num_sampling_steps))
+        # sampling only: clamp the predicted x0 at each reverse step (None = MAR). At t = 999,
+        # sqrt(alpha_bar) ~ 5e-5 turns an eps error e into an x0 error e / 5e-5: a briefly
+        # trained head (the CPU demo) then draws latents thousands of times too large.
+        self.clip_x0: Optional[float] = None
 
     @classmethod
     def preset(cls, name: str, target_channels: int, z_channels: int, **kwargs) -> "DiffusionLoss":
@@ -372,4 +381,4 @@ class DiffusionLoss(nn.Module):
             noise = draw_noise((z.shape[0], self.in_channels), generator, z.device, z.dtype)
             fn = self.net.forward
         return self.gen_diffusion.p_sample_loop(fn, noise, temperature=temperature, generator=generator,
-                                                paired=cfg != 1.0, c=z)
+                                                paired=cfg != 1.0, clip_x0=self.clip_x0, c=z)

@@ -33,9 +33,9 @@ F16_CH_MULT = [1, 1, 2, 2, 4]     # a tiny VQGAN at 256 px with taming's f16 lev
 # Top-level sections after run and dataset, in configs/default.yaml's order: copied from the base
 # config, except encoder and vq (built here from the weights given).
 SECTIONS = ("shards", "encoder", "kmeans", "tokens", "train", "sample", "probe", "vq", "stage2", "stage2_nar",
-            "maskgit", "evaluate", "generators")
-REQUIRED_SECTIONS = ("shards", "kmeans", "tokens", "train", "probe", "stage2", "stage2_nar", "maskgit",
-                     "evaluate")   # written even if the base leaves them to the defaults: they name splits
+            "maskgit", "kl", "mar", "mar_causal", "evaluate", "generators")
+REQUIRED_SECTIONS = ("shards", "kmeans", "tokens", "train", "probe", "stage2", "stage2_nar", "maskgit", "mar",
+                     "mar_causal", "evaluate")   # written even if the base leaves them to the defaults: they name splits
 DEFAULT_ENCODER_ARCH = "dinov2_vitb14_reg4"   # DiGIT-base's encoder
 DEFAULT_VQ_PRESET = "mage_vqgan"              # the VQGAN DiGIT decodes with
 SOURCE_FLAGS = {"imagefolder": "--imagefolder", "webdataset": "--webdataset", "fashion_mnist": "--fashion-mnist"}
@@ -313,6 +313,16 @@ def vq_section(tiny: dict, paper: dict, weights: Path | None, preset: str) -> di
     return vq
 
 
+def kl_section(tiny: dict, crop: int) -> dict:
+    """The tiny KL autoencoder trained by the DAG (kl.train), built for the crop: the demo's at 28 px,
+    else with taming's f16 levels (init has no flag for MAR's kl16 weights yet: set kl.checkpoint,
+    kl.preset kl16 and kl.train null by hand)."""
+    kl = {"checkpoint": None, **copy.deepcopy(tiny["kl"])}
+    if crop != 28:
+        kl["model"] = {**kl.get("model", {}), "resolution": crop, "ch_mult": list(F16_CH_MULT)}
+    return kl
+
+
 def scales_exactly(crop: int, image_size: int) -> bool:
     """Whether the crop resizes to exactly image_size with a scale factor (how data.encoder_input does it)."""
     return int(crop * (image_size / crop)) == image_size
@@ -336,12 +346,13 @@ def fit_views(enc: dict, vq: dict) -> list[str]:
     return changes
 
 
-def drop_demo_floors(enc: dict, vq: dict) -> None:
+def drop_demo_floors(enc: dict, vq: dict, kl: dict) -> None:
     """The demo's quality floors (accuracy, PSNR) were measured on Fashion-MNIST: not for other data."""
     if enc.get("train"):
         enc["train"].pop("min_test_accuracy", None)
-    if vq.get("train"):
-        vq["train"].pop("min_test_psnr", None)
+    for tokenizer in (vq, kl):
+        if tokenizer.get("train"):
+            tokenizer["train"].pop("min_test_psnr", None)
 
 
 def set_splits(config: dict, info: DatasetInfo) -> None:
@@ -350,7 +361,7 @@ def set_splits(config: dict, info: DatasetInfo) -> None:
     config["tokens"]["splits"] = info.used_splits
     config["kmeans"]["split"] = train
     for section in (config["train"], config["stage2"]["train"], config["stage2_nar"]["train"],
-                    config["maskgit"]["train"]):
+                    config["maskgit"]["train"], config["mar"]["train"], config["mar_causal"]["train"]):
         section["splits"] = [train]
     config["probe"].update(train_split=train, test_split=test)
     config["evaluate"]["reference_split"] = test
@@ -358,7 +369,7 @@ def set_splits(config: dict, info: DatasetInfo) -> None:
 
 def check_tokenizer_choice(config: dict) -> None:
     """A tokenizer is either trained here or loaded, never both (and never neither)."""
-    for name in ("encoder", "vq"):
+    for name in ("encoder", "vq", "kl"):
         trained, given = config[name].get("train") is not None, config[name].get("checkpoint") is not None
         if trained == given:
             raise ConfigError(f"internal: {name}.train and {name}.checkpoint must not both be "
@@ -373,8 +384,9 @@ def build_config(info: DatasetInfo, name: str, base: str, encoder_weights: Path 
     built = {"encoder": encoder_section(tiny, paper, encoder_weights, encoder_arch),
              "vq": vq_section(tiny, paper, vq_weights, vq_preset)}
     notes = fit_views(built["encoder"], built["vq"]) if encoder_weights or vq_weights else []
+    built["kl"] = kl_section(tiny, built["encoder"]["crop"])
     if info.source != "fashion_mnist":
-        drop_demo_floors(built["encoder"], built["vq"])
+        drop_demo_floors(built["encoder"], built["vq"], built["kl"])
     config = {"run": name, "dataset": dataset_section(info, name)}
     for key in SECTIONS:
         if key in built:
@@ -382,7 +394,7 @@ def build_config(info: DatasetInfo, name: str, base: str, encoder_weights: Path 
         elif key in chosen or key in REQUIRED_SECTIONS:
             config[key] = copy.deepcopy(chosen.get(key, {}))
     config["shards"]["image_format"] = info.image_format
-    for key in ("stage2", "stage2_nar", "maskgit"):
+    for key in ("stage2", "stage2_nar", "maskgit", "mar", "mar_causal"):
         config[key].setdefault("train", {})
     set_splits(config, info)
     check_tokenizer_choice(config)
@@ -436,6 +448,10 @@ def section_comments(config: dict, info: DatasetInfo, base: str, notes: list[str
         "stage2": "Stage 2: DiGIT tokens -> VQ tokens (autoregressive), decoded to pixels by the VQGAN.",
         "stage2_nar": "Non-autoregressive stage 2 (the paper's DiGIT + MaskGIT).",
         "maskgit": "MaskGIT baseline over VQ tokens (same size and budget as train).",
+        "kl": "MAR's continuous tokenizer: the DAG trains a tiny KL autoencoder (kl.train); for MAR's kl16.ckpt set "
+              "kl.checkpoint, kl.preset kl16 and kl.train null.",
+        "mar": "MAR over the KL latents (masked, random order, diffusion head).",
+        "mar_causal": "MAR's causal variant over the KL latents (raster order, KV cache, diffusion head).",
         "evaluate": "FID / precision / recall against reference_split, and the token-stability table; "
                     "n_reference: 0 = the whole split.",
         "generators": "The rows that are rendered and scored.",

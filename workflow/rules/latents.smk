@@ -29,7 +29,7 @@ rule kl_latents:
     input:
         tar=shard_tar,
         digit=res("tokens/{split}-{shard_id}.json"),
-        kl=kl_file(),
+        kl=lambda wc: kl_file(),
     output:
         npy=res("kl_latents/{split}-{shard_id}.npy"),
         meta=res("kl_latents/{split}-{shard_id}.json"),
@@ -130,7 +130,7 @@ rule sample_mar_causal:
 rule render_latent:
     input:
         samples=res("samples/{latgen}/samples.json"),
-        kl=kl_file(),
+        kl=lambda wc: kl_file(),
     output:
         images=res("samples/{latgen}/images.npz"),
         grid=report(res("samples/{latgen}/grid.png"), caption="../report/samples.rst", category="Samples",

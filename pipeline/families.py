@@ -62,6 +62,8 @@ def use_sampling_steps(model: nn.Module, steps: int, clip_x0: float | None = Non
     model.diffloss.clip_x0 = None if clip_x0 is None else float(clip_x0)
 
 
+# The MAR families import their models on first use: models/mar.py pulls in timm (seconds), which
+# no command that never meets a MAR checkpoint should pay at start-up.
 def draw_mar(model: nn.Module, n: int, *, labels, context, seeds, cfg: dict, batch_size: int):
     from .models.mar import mar_sample
     use_sampling_steps(model, cfg["num_sampling_steps"], cfg.get("clip_x0"))

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import ConfigError
@@ -49,8 +48,8 @@ from .kl_vae_loading import kl_vae_state_dict
 from .models.kl_vae import LOGVAR_RANGE, MAR_LATENT_SCALE, KLAutoencoder, KLVAEConfig, assign_kl_state, \
     preset as kl_preset
 from .tokens import write_token_shard
-from .train_steps import optimizer_step, shuffled_batches, warmup_cosine
-from .vq import tokenizer_images, to_model_pixels, to_uint8
+from .train_steps import optimizer_step, shuffled_batches
+from .vq import tokenizer_images, tokenizer_optimizer, to_model_pixels, to_uint8
 
 FORMAT = "digit-kl-v1"
 OFFICIAL_FORMAT = "mar-kl16"
@@ -162,11 +161,8 @@ def train_kl(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, kl_cfg
     train_images, train_keys, train_size, test_views = tokenizer_images(train_tars, test_tars, spec, seed, cfg_in)
 
     model = KLAutoencoder(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg_in["lr"], weight_decay=cfg_in["weight_decay"])
     bs, epochs, n = int(cfg_in["batch_size"]), int(cfg_in["epochs"]), len(train_images)
-    total = max(1, epochs * math.ceil(n / bs))
-    sched = warmup_cosine(opt, total, 0.03, floor=0.1)
-    rec_loss = F.l1_loss if cfg_in["loss"] == "l1" else F.mse_loss
+    opt, sched, rec_loss, _ = tokenizer_optimizer(model, cfg_in, n)
     gen = torch.Generator().manual_seed(seed)   # batch order and posterior noise
     history = []
     for epoch in range(epochs):

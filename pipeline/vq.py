@@ -114,6 +114,14 @@ def tokenizer_images(train_tars, test_tars, spec: ViewSpec, seed: int, cfg: dict
     return train_images, train_keys, original_size(train_tars), test_views
 
 
+def tokenizer_optimizer(model: torch.nn.Module, cfg: dict, n_images: int):
+    """AdamW with a 3% warmup then cosine to 10% over every step of ``cfg["epochs"]``, and the
+    reconstruction loss (``cfg["loss"]``: l1 or mse) of a tiny tokenizer; also the step count."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    total = max(1, int(cfg["epochs"]) * math.ceil(n_images / int(cfg["batch_size"])))
+    return opt, warmup_cosine(opt, total, 0.03, floor=0.1), F.l1_loss if cfg["loss"] == "l1" else F.mse_loss, total
+
+
 def train_vq(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, vq_cfg: dict, *,
              progress: bool = True) -> dict:
     cfg_in = {**DEFAULTS, **(vq_cfg or {})}
@@ -128,11 +136,8 @@ def train_vq(train_tars, test_tars, out_path: str | Path, spec: ViewSpec, vq_cfg
     train_images, train_keys, train_size, test_views = tokenizer_images(train_tars, test_tars, spec, seed, cfg_in)
 
     model = VQGAN(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg_in["lr"], weight_decay=cfg_in["weight_decay"])
     bs, epochs, n = int(cfg_in["batch_size"]), int(cfg_in["epochs"]), len(train_images)
-    total = max(1, epochs * math.ceil(n / bs))
-    sched = warmup_cosine(opt, total, 0.03, floor=0.1)
-    rec_loss = F.l1_loss if cfg_in["loss"] == "l1" else F.mse_loss
+    opt, sched, rec_loss, total = tokenizer_optimizer(model, cfg_in, n)
     gen = torch.Generator().manual_seed(seed)
     history = []
     reinit_every, global_step = int(cfg_in["reinit_every"]), 0
